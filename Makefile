@@ -1,0 +1,31 @@
+# Two entry points: `make demo` (the CPU demo) and `make test` (the whole suite).
+# Both create .venv on first use: the package, its dev tools, and the torch pair in constraints.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: env data demo test lint
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+# Fashion-MNIST from Debian when we can install packages; the demo falls back to scikit-learn's digits.
+data:
+	@if [ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
+		echo "could not install dataset-fashion-mnist; the demo will use scikit-learn's digits"; \
+	else echo "not root: run 'sudo apt-get install dataset-fashion-mnist' for the Fashion-MNIST demo"; fi
+
+demo: env data
+	$(PY) -m lejepa_scale.demo
+
+test: env data
+	$(PY) -m pytest -q
+
+lint: env
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

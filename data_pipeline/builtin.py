@@ -1,0 +1,91 @@
+"""Small labelled image sets that ship with the machine: the CPU demo's data.
+
+Fashion-MNIST comes from Debian's `dataset-fashion-mnist` (idx files); scikit-learn's bundled
+digits are the fallback when it is absent.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+@dataclass
+class LabelledImages:
+    """uint8 images (N, C, H, W) and int64 labels (N,), split into train and test."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.train_labels.max()) + 1
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an (optionally gzipped) idx file, the MNIST family's format."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (magic {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape} but holds {array.size} values (truncated file?)")
+    return array.reshape(shape)
+
+
+def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> LabelledImages:
+    root = Path(root)
+
+    def part(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images = read_idx(next(iter(sorted(root.glob(f"{prefix}-images-idx3-ubyte*")))))
+        labels = read_idx(next(iter(sorted(root.glob(f"{prefix}-labels-idx1-ubyte*")))))
+        return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+    return LabelledImages("fashion_mnist", *part("train"), *part("t10k"))
+
+
+def load_digits(test_fraction: float = 1 / 3, seed: int = 0) -> LabelledImages:
+    """scikit-learn's 1,797 8x8 digits (values 0..16), scaled to uint8 and split with a fixed seed."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    data = sk_digits()
+    images = torch.from_numpy((data.images * (255 / 16)).round().astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(data.target.astype(np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(labels) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return LabelledImages("digits", images[train], labels[train], images[test], labels[test])
+
+
+def load_builtin(name: str, root: str | None = None) -> LabelledImages:
+    """`fashion_mnist` (falls back to `digits`, with a warning, when its files are absent) or `digits`."""
+    if name == "digits":
+        return load_digits()
+    if name != "fashion_mnist":
+        raise ValueError(f"data.source: unknown built-in dataset {name!r}; use 'fashion_mnist' or 'digits'")
+    root = root or FASHION_MNIST_DIR
+    if not any(Path(root).glob("train-images-idx3-ubyte*")):
+        log.warning(
+            "Fashion-MNIST not found under %s (install it with `apt-get install dataset-fashion-mnist` "
+            "or set data.root); falling back to scikit-learn's digits.",
+            root,
+        )
+        return load_digits()
+    return load_fashion_mnist(root)

@@ -1,0 +1,64 @@
+"""Multi-crop batches from a uint8 image tensor held in memory (the demo's path; no workers needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from data_pipeline.views import MultiCrop, ViewBatch
+
+
+class InMemoryViews:
+    """Endless epochs over in-memory images, split across data-parallel ranks.
+
+    Each epoch is a seeded permutation; rank r takes every world_size-th image, and the tail that
+    does not fill a batch on every rank is dropped, so all ranks take the same number of steps.
+    Crops come from a generator seeded by (seed, epoch, batch), so the stream is a pure function of
+    the position, which `state_dict` records.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        *,
+        batch_size: int,
+        crops: MultiCrop,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images, self.labels = images, labels
+        self.batch_size, self.crops, self.seed = batch_size, crops, seed
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = len(images) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{len(images)} images cannot fill one batch of {batch_size} on each of {world_size} ranks"
+            )
+        self.epoch, self.batch = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def __iter__(self) -> Iterator[ViewBatch]:
+        while True:
+            order = torch.randperm(
+                len(self.images), generator=torch.Generator().manual_seed(self.seed + self.epoch)
+            )
+            mine = order[self.rank :: self.world_size]
+            while self.batch < self.batches_per_epoch:
+                idx = mine[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
+                gen = torch.Generator().manual_seed(
+                    hash((self.seed, self.epoch, self.batch, self.rank)) % 2**63
+                )
+                self.batch += 1
+                views = [v.expand(-1, -1, 3, -1, -1) for v in self.crops(self.images[idx], gen)]
+                yield ViewBatch(views=views, labels=None if self.labels is None else self.labels[idx])
+            self.epoch, self.batch = self.epoch + 1, 0

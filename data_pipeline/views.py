@@ -1,0 +1,228 @@
+"""LeJEPA's multi-crop views, split where the cost is.
+
+Geometry (random resized crops + flips) cuts uint8 views: cheap, close to the data. Photometry
+(colour jitter, grayscale, blur, solarize, normalise) runs batched on the training device, with
+per-sample random parameters, under no_grad. Both take an explicit torch.Generator, so a seed
+reproduces every view.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+_CROP_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """How many crops of one kind, their output side and their area fraction range."""
+
+    count: int
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """RandomResizedCrop boxes (n, 4) as (x0, y0, x1, y1) in pixels, torchvision's rule vectorised:
+    10 tries of (area fraction ~ U(scale), log aspect ~ U(log ratio)); the first that fits wins,
+    else a centre crop with the aspect clamped to `ratio`."""
+    area = height * width
+    target = area * torch.empty(n, _CROP_ATTEMPTS).uniform_(*scale, generator=gen)
+    aspect = torch.exp(
+        torch.empty(n, _CROP_ATTEMPTS).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    )
+    w = torch.sqrt(target * aspect).round()
+    h = torch.sqrt(target / aspect).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    w, h = w[rows, first.clamp_min(0)], h[rows, first.clamp_min(0)]
+    y0 = torch.floor(torch.rand(n, generator=gen) * (height - h + 1))
+    x0 = torch.floor(torch.rand(n, generator=gen) * (width - w + 1))
+
+    fallback = first < 0
+    if fallback.any():
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            fw, fh = width, round(width / ratio[0])
+        elif in_ratio > ratio[1]:
+            fw, fh = round(height * ratio[1]), height
+        else:
+            fw, fh = width, height
+        w[fallback], h[fallback] = float(fw), float(fh)
+        x0[fallback], y0[fallback] = float((width - fw) // 2), float((height - fh) // 2)
+    return torch.stack([x0, y0, x0 + w, y0 + h], 1)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut box i out of image i and resize it to size² (bilinear, averaging when shrinking).
+
+    images: (B, C, H, W) uint8 or float; returns the same dtype."""
+    src = images.float()
+    rois = torch.cat([torch.arange(len(boxes), dtype=src.dtype).unsqueeze(1), boxes.to(src.dtype)], 1)
+    out = roi_align(
+        src, rois.to(src.device), output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
+    )
+    if images.dtype == torch.uint8:
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+class MultiCrop:
+    """Random resized crops with horizontal flips for a batch: (B, C, H, W) -> one (V, B, C, s, s)
+    tensor per CropSpec (global views first, then local views)."""
+
+    def __init__(self, specs: list[CropSpec], flip_p: float = 0.5):
+        self.specs = specs
+        self.flip_p = flip_p
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        b, _, height, width = images.shape
+        out = []
+        for spec in self.specs:
+            boxes = sample_crop_boxes(spec.count * b, height, width, spec.scale, spec.ratio, gen)
+            flip = torch.rand(spec.count * b, generator=gen) < self.flip_p
+            views = crop_resize(images.repeat(spec.count, 1, 1, 1), boxes, spec.size)
+            views[flip] = views[flip].flip(-1)
+            out.append(views.unflatten(0, (spec.count, b)))
+        return out
+
+
+@dataclass(frozen=True)
+class PhotometricSpec:
+    """LeJEPA's colour stack (the reference README's values)."""
+
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.2
+    solarize_threshold: float = 128 / 255
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(-3)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(-3)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor * x + (1 - factor) * other).clamp_(0, 1)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, g, b = x.unbind(-3)
+    v, _ = x.max(-3)
+    c = v - x.min(-3).values
+    s = c / v.clamp_min(1e-12)
+    cd = c.clamp_min(1e-12)
+    h = torch.where(v == r, (g - b) / cd, torch.where(v == g, 2 + (b - r) / cd, 4 + (r - g) / cd))
+    h = torch.where(c > 0, (h / 6) % 1.0, torch.zeros_like(h))
+    return h, s, v
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    k = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(3, 1, 1)
+    k = (k + h.unsqueeze(-3) * 6) % 6
+    return v.unsqueeze(-3) - v.unsqueeze(-3) * s.unsqueeze(-3) * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by `shift` (fraction of a turn, per sample) in HSV, as torchvision's adjust_hue."""
+    h, s, v = _rgb_to_hsv(x)
+    return _hsv_to_rgb((h + shift.view(-1, 1, 1)) % 1.0, s, v)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample, reflect padding (torchvision's border rule)."""
+    b, c, height, width = x.shape
+    radius = kernel_size // 2
+    offsets = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - radius
+    kernel = torch.exp(-offsets.square() / (2 * sigma.view(-1, 1).square()))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, k)
+    y = F.pad(x.reshape(1, b * c, height, width), (radius,) * 4, mode="reflect")
+    y = F.conv2d(y, kernel.view(b * c, 1, 1, kernel_size), groups=b * c)
+    y = F.conv2d(y, kernel.view(b * c, 1, kernel_size, 1), groups=b * c)
+    return y.view(b, c, height, width)
+
+
+def blur_kernel_size(size: int) -> int:
+    """About 10% of the view side, odd, at least 3 (23 for 224 px, 9 for 96 px)."""
+    k = int(0.1 * size)
+    return max(3, k if k % 2 else k + 1)
+
+
+class Photometric:
+    """Per-sample colour jitter (brightness, contrast, saturation, hue in a random order per call),
+    grayscale, Gaussian blur, solarize and normalisation of a batch of views on its own device.
+
+    Input: (..., 3, H, W) uint8 or float in [0, 1]; output: normalised float32."""
+
+    def __init__(self, spec: PhotometricSpec = PhotometricSpec()):
+        self.spec = spec
+
+    @torch.no_grad()
+    def __call__(self, views: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        s = self.spec
+        lead, (c, height, width) = views.shape[:-3], views.shape[-3:]
+        x = views.reshape(-1, c, height, width)
+        x = x.float().div_(255) if views.dtype == torch.uint8 else x.float().clone()
+        n, dev = x.shape[0], x.device
+
+        def draw(lo: float, hi: float, size: int) -> torch.Tensor:
+            return torch.empty(size, device=dev).uniform_(lo, hi, generator=gen)
+
+        def chance(p: float) -> torch.Tensor:
+            return torch.rand(n, device=dev, generator=gen) < p
+
+        jitter = chance(s.jitter_p)
+        if jitter.any():
+            y, m = x[jitter], int(jitter.sum())
+            for op in torch.randperm(4, generator=gen, device=dev).tolist():
+                if op == 0 and s.brightness > 0:
+                    y = (y * draw(1 - s.brightness, 1 + s.brightness, m).view(-1, 1, 1, 1)).clamp_(0, 1)
+                elif op == 1 and s.contrast > 0:
+                    mean = grayscale(y).mean((-3, -2, -1), keepdim=True)
+                    y = _blend(y, mean, draw(1 - s.contrast, 1 + s.contrast, m).view(-1, 1, 1, 1))
+                elif op == 2 and s.saturation > 0:
+                    y = _blend(y, grayscale(y), draw(1 - s.saturation, 1 + s.saturation, m).view(-1, 1, 1, 1))
+                elif op == 3 and s.hue > 0:
+                    y = adjust_hue(y, draw(-s.hue, s.hue, m))
+            x[jitter] = y
+        gray = chance(s.grayscale_p)
+        x[gray] = grayscale(x[gray]).expand(-1, c, -1, -1)
+        blur = chance(s.blur_p)
+        if blur.any():
+            x[blur] = gaussian_blur(x[blur], draw(*s.blur_sigma, int(blur.sum())), blur_kernel_size(height))
+        solarize = chance(s.solarize_p).view(-1, 1, 1, 1) & (x >= s.solarize_threshold)
+        x = torch.where(solarize, 1 - x, x)
+        mean = torch.tensor(s.mean, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(s.std, device=dev).view(1, -1, 1, 1)
+        return ((x - mean) / std).reshape(*lead, c, height, width)
+
+
+@dataclass
+class ViewBatch:
+    """What a data source hands the trainer: uint8 views per crop kind, view-major, and labels if any."""
+
+    views: list[torch.Tensor]  # [(Vg, B, 3, S, S), (Vl, B, 3, s, s)]
+    labels: torch.Tensor | None

@@ -1,0 +1,85 @@
+"""A timm backbone plus LeJEPA's MLP projector, with one forward per crop resolution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelOutput:
+    """Backbone features (what probes use) and projector embeddings (what the loss sees), view-major."""
+
+    features_global: torch.Tensor  # (Vg, B, D)
+    z_global: torch.Tensor  # (Vg, B, K)
+    z_local: torch.Tensor | None  # (Vl, B, K)
+
+
+def create_backbone(name: str, *, img_size: int, drop_path: float = 0.0, **kwargs) -> nn.Module:
+    """Any timm model without its classifier. ViT-like models get dynamic image size so that global
+    and local crops of different resolutions share position embeddings (interpolated per forward)."""
+    try:
+        return timm.create_model(
+            name, num_classes=0, drop_path_rate=drop_path, img_size=img_size, dynamic_img_size=True, **kwargs
+        )
+    except TypeError:  # CNNs and other models that take any input size and no such arguments
+        return timm.create_model(name, num_classes=0, drop_path_rate=drop_path, **kwargs)
+
+
+def mlp_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear-BN-ReLU, Linear-BN-ReLU, Linear (the reference code's projector)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+class LeJEPAModel(nn.Module):
+    """Backbone + projector. Global and local crops take separate backbone passes (their sizes differ);
+    the projector then sees all views' features at once, so its BatchNorm statistics span every view."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        img_size: int = 224,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 128,
+        drop_path: float = 0.0,
+        backbone_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        self.backbone = create_backbone(
+            name, img_size=img_size, drop_path=drop_path, **(backbone_kwargs or {})
+        )
+        self.projector = mlp_projector(self.backbone.num_features, proj_hidden_dim, proj_dim)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.num_features
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone feature for probes (CLS token, or mean of patch tokens without CLS)."""
+        return self.backbone(images)
+
+    def forward(self, global_views: torch.Tensor, local_views: torch.Tensor | None = None) -> ModelOutput:
+        """global_views: (Vg, B, C, H, W); local_views: (Vl, B, C, h, w) or None."""
+        n_global, batch = global_views.shape[:2]
+        feats = [self.backbone(global_views.flatten(0, 1))]
+        if local_views is not None:
+            feats.append(self.backbone(local_views.flatten(0, 1)))
+        z = self.projector(torch.cat(feats))
+        z_global, z_local = z[: n_global * batch], z[n_global * batch :]
+        return ModelOutput(
+            features_global=feats[0].unflatten(0, (n_global, batch)),
+            z_global=z_global.unflatten(0, (n_global, batch)),
+            z_local=z_local.unflatten(0, (-1, batch)) if local_views is not None else None,
+        )

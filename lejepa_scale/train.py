@@ -1,0 +1,193 @@
+"""`python -m lejepa_scale.train --config FILE [key=value ...]`: LeJEPA pretraining, top to bottom.
+
+One step: uint8 crops -> batched photometric augmentation on the device -> backbone forward per
+crop size -> projector -> (1 - λ)·prediction + λ·SIGReg -> backward -> AdamW -> metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from timm.optim import param_groups_weight_decay
+
+from data_pipeline.builtin import load_builtin
+from data_pipeline.in_memory import InMemoryViews
+from data_pipeline.views import CropSpec, MultiCrop, Photometric, PhotometricSpec
+from lejepa_scale.config import Config, load_config, to_yaml
+from lejepa_scale.metrics import MetricsLogger
+from lejepa_scale.model import LeJEPAModel
+from lejepa_scale.objective import LeJEPALoss
+from lejepa_scale.probe import OnlineProbe
+from lejepa_scale.sigreg import SIGReg
+
+log = logging.getLogger("lejepa_scale.train")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: Config) -> LeJEPAModel:
+    """The model, initialised from `run.seed` (so a 'random init' baseline is the same draw)."""
+    torch.manual_seed(cfg.run.seed)
+    return LeJEPAModel(
+        cfg.model.name,
+        img_size=cfg.views.global_size,
+        proj_hidden_dim=cfg.model.proj_hidden_dim,
+        proj_dim=cfg.model.proj_dim,
+        drop_path=cfg.model.drop_path,
+        backbone_kwargs=dict(cfg.model.backbone_kwargs),
+    )
+
+
+def crop_specs(cfg: Config) -> list[CropSpec]:
+    v = cfg.views
+    specs = [CropSpec(v.n_global, v.global_size, v.global_scale)]
+    if v.n_local > 0:
+        specs.append(CropSpec(v.n_local, v.local_size, v.local_scale))
+    return specs
+
+
+def photometric_spec(cfg: Config) -> PhotometricSpec:
+    v = cfg.views
+    return PhotometricSpec(
+        jitter_p=v.jitter_p,
+        brightness=v.brightness,
+        contrast=v.contrast,
+        saturation=v.saturation,
+        hue=v.hue,
+        grayscale_p=v.grayscale_p,
+        blur_p=v.blur_p,
+        solarize_p=v.solarize_p,
+        mean=v.mean,
+        std=v.std,
+    )
+
+
+def build_optimizer(model: LeJEPAModel, cfg: Config) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases, norms, position embeddings and tokens."""
+    no_decay = {f"backbone.{name}" for name in getattr(model.backbone, "no_weight_decay", set)()}
+    groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+
+
+def warmup_cosine(cfg: Config):
+    """lr multiplier: linear warm-up from 0, then cosine down to `final_lr_ratio`."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.final_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train(cfg: Config) -> LeJEPAModel:
+    if cfg.data.source == "shards":
+        raise NotImplementedError("data.source=shards needs the WebDataset loader, which this version lacks")
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+
+    dataset = load_builtin(cfg.data.source, cfg.data.root)
+    loader = InMemoryViews(
+        dataset.train_images,
+        dataset.train_labels,
+        batch_size=cfg.train.batch_size,
+        crops=MultiCrop(crop_specs(cfg), flip_p=cfg.views.flip_p),
+        seed=cfg.run.seed,
+    )
+    photometric = Photometric(photometric_spec(cfg))
+    augment_gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
+
+    model = build_model(cfg).to(device)
+    loss_fn = LeJEPALoss(
+        cfg.loss.lam,
+        SIGReg(
+            cfg.loss.num_slices,
+            t_max=cfg.loss.t_max,
+            knots=cfg.loss.knots,
+            integration=cfg.loss.integration,
+            unbiased=cfg.loss.unbiased,
+        ),
+    )
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    probe = OnlineProbe(model.feature_dim, dataset.num_classes).to(device) if cfg.train.online_probe else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    log.info(
+        "%s: %.1fM parameters on %s, %d images (%s), %d steps of %d",
+        cfg.model.name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        device,
+        len(dataset.train_images),
+        dataset.name,
+        cfg.train.steps,
+        cfg.train.batch_size,
+    )
+
+    logger = MetricsLogger(run_dir, cfg.train.steps)
+    batches = iter(loader)
+    model.train()
+    for step in range(cfg.train.steps):
+        t_start = time.perf_counter()
+        batch = next(batches)
+        t_data = time.perf_counter()
+        views = [photometric(v.to(device, non_blocking=True), augment_gen) for v in batch.views]
+        global_views, local_views = views[0], (views[1] if len(views) > 1 else None)
+
+        with autocast:
+            out = model(global_views, local_views)
+        parts = loss_fn(out.z_global, out.z_local, step)
+        optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        optimizer.step()
+        scheduler.step()
+
+        if probe is not None and batch.labels is not None:
+            labels = batch.labels.to(device).repeat(cfg.views.n_global)
+            probe_loss, probe_acc = probe.step(out.features_global.flatten(0, 1), labels)
+        logger.advance()
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
+            t_step = time.perf_counter() - t_start
+            metrics = {
+                "loss": parts.total.item(),
+                "pred": parts.prediction.item(),
+                "sigreg": parts.sigreg.item(),
+                "lr": scheduler.get_last_lr()[0],
+                "img_per_s": cfg.train.batch_size / t_step,
+                "data_wait": (t_data - t_start) / t_step,
+            }
+            if probe is not None and batch.labels is not None:
+                metrics.update(probe_loss=probe_loss, probe_acc=probe_acc)
+            logger.log(step, metrics)
+    logger.close()
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="recipe YAML (configs/*.yaml); schema defaults without it")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+import os
+
+import pytest
+import torch
+
+# Deterministic, cheap defaults for the whole suite (2-core CI machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,33 @@
+import torch
+
+from lejepa_scale.model import LeJEPAModel, create_backbone
+
+
+def test_vit_gigantic_on_meta_has_1_84b_parameters():
+    with torch.device("meta"):
+        backbone = create_backbone("vit_gigantic_patch14_224", img_size=224)
+    n = sum(p.numel() for p in backbone.parameters())
+    assert backbone.embed_dim == 1664 and len(backbone.blocks) == 48
+    assert 1.80e9 < n < 1.88e9
+
+
+def test_multi_resolution_forward_shapes():
+    model = LeJEPAModel(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        proj_hidden_dim=64,
+        proj_dim=16,
+        backbone_kwargs=dict(patch_size=4, embed_dim=32, depth=2, num_heads=2),
+    )
+    out = model(torch.randn(2, 5, 3, 32, 32), torch.randn(4, 5, 3, 16, 16))
+    assert out.features_global.shape == (2, 5, 32)
+    assert out.z_global.shape == (2, 5, 16) and out.z_local.shape == (4, 5, 16)
+    assert model.features(torch.randn(3, 3, 32, 32)).shape == (3, 32)
+    # the same backbone at a third size: position embeddings are interpolated
+    assert model.features(torch.randn(3, 3, 24, 24)).shape == (3, 32)
+
+
+def test_any_timm_model_name_works_cnn_included():
+    model = LeJEPAModel("resnet18", img_size=64, proj_hidden_dim=32, proj_dim=8)
+    out = model(torch.randn(2, 3, 3, 64, 64), torch.randn(2, 3, 3, 32, 32))
+    assert out.features_global.shape == (2, 3, 512) and out.z_local.shape == (2, 3, 8)
