@@ -8,11 +8,14 @@ reproduces every view.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.ops import roi_align
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
@@ -100,6 +103,43 @@ class MultiCrop:
             views[flip] = views[flip].flip(-1)
             out.append(views.unflatten(0, (spec.count, b)))
         return out
+
+
+def decode_crops(
+    jpeg: bytes, specs: list[CropSpec], flip_p: float, gen: torch.Generator
+) -> list[torch.Tensor]:
+    """Decode one image and cut its crops: one uint8 (count, 3, size, size) tensor per CropSpec.
+
+    When every crop is at least twice its output size, the JPEG is decoded at 1/2, 1/4 or 1/8 scale
+    (PIL draft mode), which makes large images several times cheaper without changing the crops."""
+    image = Image.open(io.BytesIO(jpeg))
+    width, height = image.size
+    boxes = [sample_crop_boxes(s.count, height, width, s.scale, s.ratio, gen) for s in specs]
+    flips = [torch.rand(s.count, generator=gen) < flip_p for s in specs]
+    shrink = min(
+        min(float((b[:, 2] - b[:, 0]).min()), float((b[:, 3] - b[:, 1]).min())) / s.size
+        for b, s in zip(boxes, specs, strict=True)
+    )
+    if shrink >= 2 and image.format == "JPEG":
+        factor = 2 ** min(3, int(math.log2(shrink)))
+        image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
+    image = image.convert("RGB")
+    scale_x, scale_y = image.width / width, image.height / height
+    out = []
+    for spec, spec_boxes, spec_flips in zip(specs, boxes, flips, strict=True):
+        views = np.empty((spec.count, spec.size, spec.size, 3), dtype=np.uint8)
+        for i, (x0, y0, x1, y1) in enumerate(spec_boxes.tolist()):
+            view = image.resize(
+                (spec.size, spec.size),
+                Image.BILINEAR,
+                box=(x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y),
+                reducing_gap=None,
+            )
+            if spec_flips[i]:
+                view = view.transpose(Image.FLIP_LEFT_RIGHT)
+            views[i] = np.asarray(view)
+        out.append(torch.from_numpy(views).permute(0, 3, 1, 2))
+    return out
 
 
 @dataclass(frozen=True)
@@ -226,3 +266,5 @@ class ViewBatch:
 
     views: list[torch.Tensor]  # [(Vg, B, 3, S, S), (Vl, B, 3, s, s)]
     labels: torch.Tensor | None
+    keys: list[str] | None = None  # sample keys, when the source has them
+    corrupt: int = 0  # samples skipped as unreadable since the previous batch

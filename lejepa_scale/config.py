@@ -62,6 +62,8 @@ class DataConfig:
     root: str | None = None  # where a built-in dataset's files are (default: the Debian package's path)
     train: str | None = None  # shards: brace pattern, shard list or manifest of the training set
     val: str | None = None  # shards: labelled evaluation set
+    num_workers: int = 8  # shards: DataLoader workers per rank (decode + crops)
+    shuffle_buffer: int = 1000  # shards: samples per worker mixed before batching
 
 
 @dataclass

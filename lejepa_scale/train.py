@@ -17,6 +17,8 @@ from timm.optim import param_groups_weight_decay
 
 from data_pipeline.builtin import load_builtin
 from data_pipeline.in_memory import InMemoryViews
+from data_pipeline.shards import resolve_classes, resolve_shards
+from data_pipeline.stream import ShardViews
 from data_pipeline.views import CropSpec, MultiCrop, Photometric, PhotometricSpec
 from lejepa_scale.config import Config, load_config, to_yaml
 from lejepa_scale.metrics import MetricsLogger
@@ -73,6 +75,32 @@ def photometric_spec(cfg: Config) -> PhotometricSpec:
     )
 
 
+def build_loader(cfg: Config, device: torch.device) -> tuple[InMemoryViews | ShardViews, int | None]:
+    """The rank's stream of uint8 multi-crop batches, and the number of classes if labels exist."""
+    if cfg.data.source == "shards":
+        loader = ShardViews(
+            resolve_shards(cfg.data.train),
+            batch_size=cfg.train.batch_size,
+            crops=crop_specs(cfg),
+            flip_p=cfg.views.flip_p,
+            seed=cfg.run.seed,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            pin_memory=device.type == "cuda",
+        )
+        classes = resolve_classes(cfg.data.train)
+        return loader, len(classes) if classes else None
+    dataset = load_builtin(cfg.data.source, cfg.data.root)
+    loader = InMemoryViews(
+        dataset.train_images,
+        dataset.train_labels,
+        batch_size=cfg.train.batch_size,
+        crops=MultiCrop(crop_specs(cfg), flip_p=cfg.views.flip_p),
+        seed=cfg.run.seed,
+    )
+    return loader, dataset.num_classes
+
+
 def build_optimizer(model: LeJEPAModel, cfg: Config) -> torch.optim.AdamW:
     """AdamW without weight decay on biases, norms, position embeddings and tokens."""
     no_decay = {f"backbone.{name}" for name in getattr(model.backbone, "no_weight_decay", set)()}
@@ -94,8 +122,6 @@ def warmup_cosine(cfg: Config):
 
 
 def train(cfg: Config) -> LeJEPAModel:
-    if cfg.data.source == "shards":
-        raise NotImplementedError("data.source=shards needs the WebDataset loader, which this version lacks")
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -103,14 +129,7 @@ def train(cfg: Config) -> LeJEPAModel:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
 
-    dataset = load_builtin(cfg.data.source, cfg.data.root)
-    loader = InMemoryViews(
-        dataset.train_images,
-        dataset.train_labels,
-        batch_size=cfg.train.batch_size,
-        crops=MultiCrop(crop_specs(cfg), flip_p=cfg.views.flip_p),
-        seed=cfg.run.seed,
-    )
+    loader, num_classes = build_loader(cfg, device)
     photometric = Photometric(photometric_spec(cfg))
     augment_gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
 
@@ -127,17 +146,20 @@ def train(cfg: Config) -> LeJEPAModel:
     )
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
-    probe = OnlineProbe(model.feature_dim, dataset.num_classes).to(device) if cfg.train.online_probe else None
+    probe = (
+        OnlineProbe(model.feature_dim, num_classes).to(device)
+        if cfg.train.online_probe and num_classes
+        else None
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     log.info(
-        "%s: %.1fM parameters on %s, %d images (%s), %d steps of %d",
+        "%s: %.1fM parameters on %s, %d steps of %d (%s data)",
         cfg.model.name,
         sum(p.numel() for p in model.parameters()) / 1e6,
         device,
-        len(dataset.train_images),
-        dataset.name,
         cfg.train.steps,
         cfg.train.batch_size,
+        cfg.data.source,
     )
 
     logger = MetricsLogger(run_dir, cfg.train.steps)
@@ -171,6 +193,7 @@ def train(cfg: Config) -> LeJEPAModel:
                 "lr": scheduler.get_last_lr()[0],
                 "img_per_s": cfg.train.batch_size / t_step,
                 "data_wait": (t_data - t_start) / t_step,
+                "corrupt_samples": getattr(loader, "corrupt_total", 0),
             }
             if probe is not None and batch.labels is not None:
                 metrics.update(probe_loss=probe_loss, probe_acc=probe_acc)

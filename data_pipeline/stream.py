@@ -1,0 +1,241 @@
+"""Streaming multi-crop batches from WebDataset shards, split exactly across ranks and workers.
+
+How an epoch is split (world size W, per-rank batch B, shards with known sample counts):
+
+* The epoch's sample order is the shards in a seeded permutation (a function of seed and epoch),
+  concatenated. Every rank takes `steps = total // (W * B)` batches, so all ranks step together (no
+  collective waits on a rank that ran dry). Rank r owns the contiguous range [r*L, (r+1)*L) of that
+  order with L = steps * B, and reads only the shards that overlap it.
+* The remainder, total - W * L < W * B samples at the end of the order, is not used this epoch.
+  Because the shard order is reshuffled every epoch, a different tail is left out each time.
+* Within a rank, DataLoader worker k owns a contiguous run of the rank's batches (earlier workers
+  take one more when they do not divide evenly). The DataLoader's round robin then hands batch j of
+  the rank to worker j % num_workers. Each worker mixes its run through a seeded shuffle buffer.
+* Every sample's crops come from a generator seeded by (seed, epoch, position in the epoch order),
+  so they do not depend on the worker split.
+* A sample that cannot be read (corrupt image, truncated shard) is replaced by a second decode, with
+  fresh crops, of a recent good sample of the same worker, so batch counts never change; the
+  replacements are counted in `ViewBatch.corrupt`.
+* The position (epoch, batches taken) is the loader's state. Resuming with the same world size and
+  worker count continues with exactly the next samples: workers replay their runs up to the
+  position without decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.shards import Shard, iter_samples
+from data_pipeline.views import CropSpec, ViewBatch, decode_crops
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Where each rank's samples lie in one epoch's order."""
+
+    shards: list[Shard]  # in this epoch's order
+    steps: int  # batches per rank
+    batch_size: int
+
+    def rank_range(self, rank: int) -> tuple[int, int]:
+        length = self.steps * self.batch_size
+        return rank * length, (rank + 1) * length
+
+    def worker_batches(self, num_workers: int, worker: int) -> tuple[int, int]:
+        """[first, last) batch indices of the rank that this worker produces."""
+        base, extra = divmod(self.steps, num_workers)
+        first = worker * base + min(worker, extra)
+        return first, first + base + (1 if worker < extra else 0)
+
+    def samples(self, start: int, stop: int) -> Iterator[tuple[int, dict]]:
+        """(position in the epoch order, raw sample) for positions in [start, stop). Raises whatever
+        reading a broken shard raises, after the samples before the break."""
+        offset = 0
+        for shard in self.shards:
+            if offset + shard.count > start and offset < stop:
+                for index, sample in enumerate(iter_samples(shard.path)):
+                    position = offset + index
+                    if position >= stop:
+                        break
+                    if position >= start:
+                        yield position, sample
+            offset += shard.count
+            if offset >= stop:
+                return
+
+
+def plan_epoch(shards: list[Shard], epoch: int, seed: int, batch_size: int, world_size: int) -> EpochPlan:
+    order = list(shards)
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    total = sum(s.count for s in shards)
+    steps = total // (world_size * batch_size)
+    if steps == 0:
+        raise ValueError(
+            f"{total} samples cannot fill one batch of {batch_size} on each of {world_size} ranks"
+        )
+    return EpochPlan(order, steps, batch_size)
+
+
+class _EpochRun(IterableDataset):
+    """One rank's batches of one epoch, from `skip` onwards, split across DataLoader workers."""
+
+    def __init__(self, plan: EpochPlan, *, rank, epoch, skip, specs, flip_p, seed, shuffle_buffer):
+        self.plan, self.rank, self.epoch, self.skip = plan, rank, epoch, skip
+        self.specs, self.flip_p, self.seed, self.shuffle_buffer = specs, flip_p, seed, shuffle_buffer
+
+    def __iter__(self) -> Iterator[ViewBatch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader's round robin starts at its worker 0, and the rank's batch j comes from
+        # run j % num_workers; after `skip` batches, the next one is from run skip % num_workers.
+        worker = (worker + self.skip) % num_workers
+        first, last = self.plan.worker_batches(num_workers, worker)
+        already = max(0, (self.skip - worker + num_workers - 1) // num_workers)  # this run's batches taken
+        rank_start, _ = self.plan.rank_range(self.rank)
+        batch = self.plan.batch_size
+        raw = self._shuffled(rank_start + first * batch, rank_start + last * batch, worker)
+        # One slot per raw sample, so batch boundaries (and the replay on resume) never shift.
+        pending, recent, corrupt, owed = [], deque(maxlen=batch), 0, 0
+        for index, (position, sample) in enumerate(raw):
+            if index < already * batch:
+                continue  # replay up to the resume position without decoding
+            decoded = self._decode(position, sample)
+            if decoded is None:
+                corrupt += 1
+                owed += 1
+            else:
+                recent.append((position, sample))
+                pending.append(decoded)
+            while owed and recent:
+                pending.append(self._replacement(recent, owed))
+                owed -= 1
+            while len(pending) >= batch:
+                yield self._collate(pending[:batch], corrupt)
+                pending, corrupt = pending[batch:], 0
+        if owed or pending:
+            raise RuntimeError(f"rank {self.rank} worker {worker}: no readable sample in its whole run")
+
+    def _shuffled(self, start: int, stop: int, worker: int) -> Iterator[tuple[int, dict]]:
+        """Samples of [start, stop) through a seeded shuffle buffer; a read error ends the run early
+        (the caller fills the missing samples) instead of crashing the job."""
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        buffer: list[tuple[int, dict]] = []
+        expected = stop - start
+        seen = 0
+        try:
+            for item in self.plan.samples(start, stop):
+                seen += 1
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(item)
+                    continue
+                i = rng.randrange(len(buffer))
+                buffer[i], item = item, buffer[i]
+                yield item
+        except Exception as e:  # truncated or corrupt shard
+            log.warning("reading samples %d..%d stopped after %d: %s", start, stop, seen, e)
+        rng.shuffle(buffer)
+        yield from buffer
+        for missing in range(expected - seen):
+            yield -1, {"__key__": f"missing-{missing}"}
+
+    def _decode(self, position: int, sample: dict) -> tuple | None:
+        if "jpg" not in sample:
+            return None
+        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, position)) % 2**63)
+        try:
+            views = decode_crops(sample["jpg"], self.specs, self.flip_p, gen)
+            label = int(sample["cls"]) if "cls" in sample else -1
+        except Exception:  # any undecodable payload is counted, not fatal
+            return None
+        return views, label, sample["__key__"]
+
+    def _replacement(self, recent: deque, salt: int) -> tuple:
+        """The latest good sample decoded again, with differently seeded crops."""
+        position, sample = recent[-1]
+        views, label, key = self._decode(position * 7919 + salt * 104729 + 1, sample)
+        return views, label, key + "#repeat"
+
+    @staticmethod
+    def _collate(items: list[tuple], corrupt: int) -> ViewBatch:
+        views = [torch.stack([item[0][k] for item in items], 1) for k in range(len(items[0][0]))]
+        labels = torch.tensor([item[1] for item in items])
+        return ViewBatch(views=views, labels=labels, keys=[item[2] for item in items], corrupt=corrupt)
+
+
+class ShardViews:
+    """Endless multi-crop batches for one rank from WebDataset shards (see the module docstring).
+
+    Iterating yields ViewBatch objects; `state_dict()` is the position to checkpoint."""
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        *,
+        batch_size: int,
+        crops: list[CropSpec],
+        flip_p: float = 0.5,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        pin_memory: bool = False,
+    ):
+        self.shards, self.batch_size, self.crops, self.flip_p = shards, batch_size, crops, flip_p
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers, self.shuffle_buffer, self.pin_memory = num_workers, shuffle_buffer, pin_memory
+        self.steps_per_epoch = plan_epoch(shards, 0, seed, batch_size, world_size).steps
+        self.epoch, self.batch, self.corrupt_total = 0, 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "corrupt_total": self.corrupt_total,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["world_size"] != self.world_size or state["num_workers"] != self.num_workers:
+            raise ValueError(
+                f"loader position was saved at world size {state['world_size']} with {state['num_workers']} "
+                f"workers, not {self.world_size}/{self.num_workers}: an exact resume needs the same split"
+            )
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.corrupt_total = int(state.get("corrupt_total", 0))
+
+    def __iter__(self) -> Iterator[ViewBatch]:
+        while True:
+            plan = plan_epoch(self.shards, self.epoch, self.seed, self.batch_size, self.world_size)
+            run = _EpochRun(
+                plan,
+                rank=self.rank,
+                epoch=self.epoch,
+                skip=self.batch,
+                specs=self.crops,
+                flip_p=self.flip_p,
+                seed=self.seed,
+                shuffle_buffer=self.shuffle_buffer,
+            )
+            loader = DataLoader(
+                run,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                prefetch_factor=4 if self.num_workers else None,
+            )
+            for batch in loader:
+                self.batch += 1
+                self.corrupt_total += batch.corrupt
+                yield batch
+            self.epoch, self.batch = self.epoch + 1, 0
