@@ -1,0 +1,164 @@
+"""Data path throughput, all in one run: multi-crop samples/s per core (reference vs fast path), the
+batched photometric stage per batch, converter images/s per core, end-to-end loader samples/s.
+
+python benchmarks/data_throughput.py [--images 240] [--workdir /tmp/lejepa_data_bench]
+
+Images are 500x375 q90 JPEG crops of the photos scikit-learn ships (about 60 KB each). Per-core
+numbers are CPU time of one thread (time.thread_time) with torch.set_num_threads(1), so other load
+on the machine does not count against them; each is the median of 3 passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_images
+from torchvision.transforms import v2
+
+from data_pipeline import convert
+from data_pipeline.shards import resolve_shards
+from data_pipeline.stream import ShardViews
+from data_pipeline.views import CropSpec, Photometric, blur_kernel_size, decode_crops
+
+SPECS = [CropSpec(2, 224, (0.3, 1.0)), CropSpec(6, 96, (0.05, 0.3))]
+
+
+def make_jpegs(folder: Path, n: int) -> list[Path]:
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        cw, ch = int(rng.integers(w // 2, w)), int(rng.integers(h // 2, h))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        size = (500, 375) if rng.random() < 0.75 else (375, 500)
+        image = photo.resize(size, Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+        path = folder / f"n{i % 10:08d}" / f"img_{i:05d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def reference_pipeline():
+    """The paper's minimal example: PIL decode, then torchvision v2 per view on PIL images."""
+
+    def view(size, scale):
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(size, scale=scale),
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=0.5),
+                v2.RandomSolarize(threshold=128, p=0.2),
+                v2.PILToTensor(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+            ]
+        )
+
+    views = [view(s.size, s.scale) for s in SPECS for _ in range(s.count)]
+
+    def run(jpeg: bytes):
+        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        return [t(image) for t in views]
+
+    return run
+
+
+def per_core_rate(fn, payloads: list[bytes], passes: int = 3) -> float:
+    rates = []
+    for _ in range(passes):
+        start = time.thread_time()
+        for p in payloads:
+            fn(p)
+        rates.append(len(payloads) / (time.thread_time() - start))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=240)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lejepa_data_bench"))
+    parser.add_argument("--photometric-batch", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    paths = make_jpegs(args.workdir / "src", args.images)
+    payloads = [p.read_bytes() for p in paths]
+    print(
+        f"{len(paths)} JPEGs, mean {np.mean([len(p) for p in payloads]) / 1024:.0f} KB, "
+        f"torch {torch.__version__}, {os.cpu_count()} cores"
+    )
+
+    ref = per_core_rate(reference_pipeline(), payloads[:60])
+    gen = torch.Generator().manual_seed(0)
+    fast = per_core_rate(lambda p: decode_crops(p, SPECS, 0.5, gen), payloads)
+    print(f"| (a) reference: PIL + torchvision v2 per sample, 2x224 + 6x96 | {ref:.1f} samples/s/core |")
+    print(
+        f"| (b) fast path, worker part: decode (+draft) + 8 crops as uint8 | {fast:.1f} samples/s/core "
+        f"| **{fast / ref:.1f}x** the reference |"
+    )
+
+    b = args.photometric_batch
+    photometric = Photometric()
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        views = [
+            torch.randint(0, 256, (s.count, b, 3, s.size, s.size), dtype=torch.uint8, device=device)
+            for s in SPECS
+        ]
+        g = torch.Generator(device=device).manual_seed(0)
+
+        def stage(views=views, g=g, device=device):
+            for v in views:
+                photometric(v, g)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        stage()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            stage()
+            times.append(time.perf_counter() - start)
+        name = torch.cuda.get_device_name() if device == "cuda" else "CPU, 1 thread"
+        ms = statistics.median(times) * 1e3
+        print(
+            f"| (c) batched photometric stage, batch {b} (128x224² + 384x96² views), {name} | "
+            f"{ms:.0f} ms/batch | {ms / b:.2f} ms/sample |"
+        )
+
+    out = args.workdir / "shards"
+    start = time.process_time()
+    classes, items = convert.list_class_folders(args.workdir / "src")
+    convert.convert(classes, items, out, prefix="bench", shard_size=60, workers=1)
+    rate = len(items) / (time.process_time() - start)
+    print(f"| converter, no re-encoding, 1 process | {rate:.0f} images/s/core |")
+
+    shards = resolve_shards(str(out))
+    loader = ShardViews(shards, batch_size=16, crops=SPECS, num_workers=2, shuffle_buffer=100)
+    it = iter(loader)
+    next(it)  # worker start-up
+    start, n = time.perf_counter(), 0
+    for _ in range(loader.steps_per_epoch - 1):
+        n += len(next(it).keys)
+    print(
+        f"| end-to-end ShardViews, 2 workers, batch 16 | {n / (time.perf_counter() - start):.1f} samples/s |"
+    )
+    shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
