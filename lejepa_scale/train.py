@@ -177,6 +177,7 @@ def train(cfg: Config) -> LeJEPAModel:
         parts = loss_fn(out.z_global, out.z_local, step)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
 
@@ -190,7 +191,7 @@ def train(cfg: Config) -> LeJEPAModel:
                 "loss": parts.total.item(),
                 "pred": parts.prediction.item(),
                 "sigreg": parts.sigreg.item(),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "img_per_s": cfg.train.batch_size / t_step,
                 "data_wait": (t_data - t_start) / t_step,
                 "corrupt_samples": getattr(loader, "corrupt_total", 0),
