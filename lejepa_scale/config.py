@@ -81,6 +81,7 @@ class OptimConfig:
     lr: float = 5e-4  # absolute, for the global batch; not rescaled with batch size
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
     warmup_steps: int = 0
     final_lr_ratio: float = 1e-3  # cosine decays to lr * final_lr_ratio
 
@@ -94,6 +95,16 @@ class TrainConfig:
     online_probe: bool = True  # linear probe on detached backbone features when labels exist
     log_every: int = 10
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1  # HSDP: model replicas, e.g. one per node (1: FSDP over all ranks)
+    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype (params follow train.precision)
+    activation_checkpointing: str = "none"  # none | full | selective (every ac_every-th block)
+    ac_every: int = 2
+    compile: bool = False  # torch.compile each block
+    reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3) or keep (ZeRO-2)
 
 
 @dataclass
@@ -114,6 +125,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -137,6 +149,14 @@ def _validate(cfg: Config) -> None:
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be 'auto', 'cpu' or 'cuda'"),
         (cfg.train.steps >= 1, "train.steps", "must be >= 1"),
         (cfg.train.batch_size >= 2, "train.batch_size", "must be >= 2 (SIGReg and BatchNorm need a batch)"),
+        (cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1"),
+        (cfg.parallel.reduce_dtype in ("bf16", "fp32"), "parallel.reduce_dtype", "must be 'bf16' or 'fp32'"),
+        (
+            cfg.parallel.activation_checkpointing in ("none", "full", "selective"),
+            "parallel.activation_checkpointing",
+            "must be none, full or selective",
+        ),
+        (cfg.parallel.ac_every >= 1, "parallel.ac_every", "must be >= 1"),
         (cfg.views.n_global >= 1, "views.n_global", "must be >= 1 (the centres come from global views)"),
         (cfg.views.n_local >= 0, "views.n_local", "must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from data_pipeline.builtin import load_builtin
 from lejepa_scale.config import Config, load_config
+from lejepa_scale.parallel import init_distributed
 from lejepa_scale.probe import extract_features, linear_probe
-from lejepa_scale.train import build_model, resolve_device, train
+from lejepa_scale.train import build_model, train
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
 log = logging.getLogger("lejepa_scale.demo")
@@ -35,7 +36,7 @@ def probe_backbones(cfg: Config, pretrained: torch.nn.Module) -> dict[str, dict[
     ]
     train_x, train_y = data.train_images[subset], data.train_labels[subset]
     test_x, test_y = data.test_images[:n_test], data.test_labels[:n_test]
-    device = resolve_device(cfg.train.device)
+    device = init_distributed(cfg.train.device).device
     mean = torch.tensor(cfg.views.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.views.std, device=device).view(1, 3, 1, 1)
 

@@ -8,6 +8,8 @@ import timm
 import torch
 from torch import nn
 
+from lejepa_scale.collectives import all_reduce_sum, default_group
+
 
 @dataclass
 class ModelOutput:
@@ -29,14 +31,38 @@ def create_backbone(name: str, *, img_size: int, drop_path: float = 0.0, **kwarg
         return timm.create_model(name, num_classes=0, drop_path_rate=drop_path, **kwargs)
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch across data-parallel
+    ranks (torch's SyncBatchNorm refuses CPU tensors), through the autograd-aware all-reduce; a
+    plain BatchNorm1d in a single process or in eval mode. Statistics are computed in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = default_group()
+        if group is None or not self.training:
+            return super().forward(x)
+        x32 = x.float()
+        local = torch.cat([x32.sum(0), x32.square().sum(0), x32.new_tensor([x.shape[0]])])
+        total = all_reduce_sum(local, group)
+        n = total[-1]
+        mean = total[: self.num_features] / n
+        var = (total[self.num_features : 2 * self.num_features] / n - mean.square()).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight.float() + self.bias.float() if self.affine else y
+
+
 def mlp_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Linear-BN-ReLU, Linear-BN-ReLU, Linear (the reference code's projector)."""
+    """Linear-BN-ReLU, Linear-BN-ReLU, Linear (the reference code's projector), BN over the global
+    batch. The Linears before a BN have no bias: BN removes it, so it would only collect noise."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim),
-        nn.BatchNorm1d(hidden_dim),
+        nn.Linear(in_dim, hidden_dim, bias=False),
+        GlobalBatchNorm1d(hidden_dim),
         nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, hidden_dim),
-        nn.BatchNorm1d(hidden_dim),
+        nn.Linear(hidden_dim, hidden_dim, bias=False),
+        GlobalBatchNorm1d(hidden_dim),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim),
     )
@@ -77,9 +103,10 @@ class LeJEPAModel(nn.Module):
         if local_views is not None:
             feats.append(self.backbone(local_views.flatten(0, 1)))
         z = self.projector(torch.cat(feats))
+        # clones, not views: FSDP's backward hooks must not be bypassed by a later in-place op
         z_global, z_local = z[: n_global * batch], z[n_global * batch :]
         return ModelOutput(
-            features_global=feats[0].unflatten(0, (n_global, batch)),
-            z_global=z_global.unflatten(0, (n_global, batch)),
-            z_local=z_local.unflatten(0, (-1, batch)) if local_views is not None else None,
+            features_global=feats[0].unflatten(0, (n_global, batch)).clone(),
+            z_global=z_global.unflatten(0, (n_global, batch)).clone(),
+            z_local=z_local.unflatten(0, (-1, batch)).clone() if local_views is not None else None,
         )

@@ -9,8 +9,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from lejepa_scale.collectives import default_group
 
 
 class OnlineProbe(nn.Module):
@@ -29,6 +32,11 @@ class OnlineProbe(nn.Module):
             loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        group = default_group()
+        if group is not None:  # keep the probe identical on every rank: average its gradients
+            for p in self.head.parameters():
+                dist.all_reduce(p.grad, group=group)
+                p.grad /= dist.get_world_size(group)
         self.optimizer.step()
         return loss.item(), (logits.argmax(1) == labels).float().mean().item()
 

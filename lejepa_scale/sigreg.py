@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lejepa_scale.collectives import all_reduce_sum, default_group
+
 Integration = Literal["half", "symmetric"]
 
 # Elements of one (chunk, M, knots) phase block in the lean path: ~16 MB in float32. Big enough that
@@ -47,28 +49,6 @@ def quadrature(
     else:
         raise ValueError(f"loss.integration must be 'half' or 'symmetric', got {integration!r}")
     return t, w * torch.exp(-0.5 * t.square())
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        out = x.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
-def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Differentiable SUM over `group`: every rank's gradient is the sum of all ranks' gradients."""
-    return _AllReduceSum.apply(x, group)
 
 
 def _phase_chunks(u: torch.Tensor, t: torch.Tensor):
@@ -111,13 +91,6 @@ class _ECFSums(torch.autograd.Function):
 def _ecf_sums_naive(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     x = u.unsqueeze(-1) * t
     return torch.stack([x.cos().sum(-3), x.sin().sum(-3)])
-
-
-def default_group() -> dist.ProcessGroup | None:
-    """The world when torch.distributed runs with more than one rank, else None (local statistic)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
 
 
 def epps_pulley(

@@ -1,5 +1,10 @@
 """`python -m lejepa_scale.train --config FILE [key=value ...]`: LeJEPA pretraining, top to bottom.
 
+The same code runs in one process (CPU or one GPU) and under
+`torchrun --nproc_per_node N -m lejepa_scale.train ...` (gloo on CPU, NCCL on GPU): train.batch_size
+is per rank, the global batch is batch_size x world size, and SIGReg and the projector's BatchNorm
+use statistics of the global batch.
+
 One step: uint8 crops -> batched photometric augmentation on the device -> backbone forward per
 crop size -> projector -> (1 - λ)·prediction + λ·SIGReg -> backward -> AdamW -> metrics.
 """
@@ -13,7 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from data_pipeline.builtin import load_builtin
 from data_pipeline.in_memory import InMemoryViews
@@ -22,20 +29,13 @@ from data_pipeline.stream import ShardViews
 from data_pipeline.views import CropSpec, MultiCrop, Photometric, PhotometricSpec
 from lejepa_scale.config import Config, load_config, to_yaml
 from lejepa_scale.metrics import MetricsLogger
-from lejepa_scale.model import LeJEPAModel
-from lejepa_scale.objective import LeJEPALoss
+from lejepa_scale.model import LeJEPAModel, ModelOutput
+from lejepa_scale.objective import LeJEPALoss, LossParts
+from lejepa_scale.parallel import DistEnv, build_mesh, init_distributed, parallelize
 from lejepa_scale.probe import OnlineProbe
 from lejepa_scale.sigreg import SIGReg
 
 log = logging.getLogger("lejepa_scale.train")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    return torch.device(name)
 
 
 def build_model(cfg: Config) -> LeJEPAModel:
@@ -75,8 +75,8 @@ def photometric_spec(cfg: Config) -> PhotometricSpec:
     )
 
 
-def build_loader(cfg: Config, device: torch.device) -> tuple[InMemoryViews | ShardViews, int | None]:
-    """The rank's stream of uint8 multi-crop batches, and the number of classes if labels exist."""
+def build_loader(cfg: Config, env: DistEnv) -> tuple[InMemoryViews | ShardViews, int | None]:
+    """This rank's stream of uint8 multi-crop batches, and the number of classes if labels exist."""
     if cfg.data.source == "shards":
         loader = ShardViews(
             resolve_shards(cfg.data.train),
@@ -84,9 +84,11 @@ def build_loader(cfg: Config, device: torch.device) -> tuple[InMemoryViews | Sha
             crops=crop_specs(cfg),
             flip_p=cfg.views.flip_p,
             seed=cfg.run.seed,
+            rank=env.rank,
+            world_size=env.world_size,
             num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
-            pin_memory=device.type == "cuda",
+            pin_memory=env.device.type == "cuda",
         )
         classes = resolve_classes(cfg.data.train)
         return loader, len(classes) if classes else None
@@ -97,15 +99,45 @@ def build_loader(cfg: Config, device: torch.device) -> tuple[InMemoryViews | Sha
         batch_size=cfg.train.batch_size,
         crops=MultiCrop(crop_specs(cfg), flip_p=cfg.views.flip_p),
         seed=cfg.run.seed,
+        rank=env.rank,
+        world_size=env.world_size,
     )
     return loader, dataset.num_classes
+
+
+def build_parallel_model(cfg: Config, env: DistEnv) -> LeJEPAModel:
+    """The model on this rank: FSDP2-sharded (HSDP with parallel.dp_replicate > 1) when
+    torch.distributed runs, plain otherwise; initialised as a single process would with run.seed."""
+    mesh = build_mesh(env, cfg.parallel.dp_replicate) if dist.is_initialized() else None
+    return parallelize(
+        lambda: build_model(cfg),
+        env,
+        mesh,
+        param_dtype=cfg.train.precision,
+        reduce_dtype=cfg.parallel.reduce_dtype,
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
+        ac_every=cfg.parallel.ac_every,
+        compile=cfg.parallel.compile,
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+    )
+
+
+def build_loss(cfg: Config) -> LeJEPALoss:
+    sigreg = SIGReg(
+        cfg.loss.num_slices,
+        t_max=cfg.loss.t_max,
+        knots=cfg.loss.knots,
+        integration=cfg.loss.integration,
+        unbiased=cfg.loss.unbiased,
+    )
+    return LeJEPALoss(cfg.loss.lam, sigreg)
 
 
 def build_optimizer(model: LeJEPAModel, cfg: Config) -> torch.optim.AdamW:
     """AdamW without weight decay on biases, norms, position embeddings and tokens."""
     no_decay = {f"backbone.{name}" for name in getattr(model.backbone, "no_weight_decay", set)()}
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
 
 
 def warmup_cosine(cfg: Config):
@@ -121,86 +153,113 @@ def warmup_cosine(cfg: Config):
     return factor
 
 
+def train_step(
+    model: LeJEPAModel,
+    loss_fn: LeJEPALoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    views: list[torch.Tensor],
+    step: int,
+    autocast: torch.autocast,
+) -> tuple[LossParts, ModelOutput, float]:
+    """Forward every crop size, the LeJEPA loss (SIGReg over the global batch), backward, AdamW.
+    Returns the loss parts, the model output and the learning rate this step used."""
+    with autocast:
+        out = model(views[0], views[1] if len(views) > 1 else None)
+    parts = loss_fn(out.z_global, out.z_local, step)
+    optimizer.zero_grad(set_to_none=True)
+    parts.total.backward()
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    return parts, out, lr
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average logged scalars over ranks (each rank's prediction loss is its local batch's)."""
+    if not dist.is_initialized():
+        return values
+    packed = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(packed)
+    return dict(zip(values, (packed / dist.get_world_size()).tolist(), strict=True))
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded, wrapper-free state dict on rank 0 (empty elsewhere), on CPU."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def train(cfg: Config) -> LeJEPAModel:
+    env = init_distributed(cfg.train.device)
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
 
-    loader, num_classes = build_loader(cfg, device)
-    photometric = Photometric(photometric_spec(cfg))
-    augment_gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
-
-    model = build_model(cfg).to(device)
-    loss_fn = LeJEPALoss(
-        cfg.loss.lam,
-        SIGReg(
-            cfg.loss.num_slices,
-            t_max=cfg.loss.t_max,
-            knots=cfg.loss.knots,
-            integration=cfg.loss.integration,
-            unbiased=cfg.loss.unbiased,
-        ),
-    )
+    model = build_parallel_model(cfg, env)
+    loss_fn = build_loss(cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
-    probe = (
-        OnlineProbe(model.feature_dim, num_classes).to(device)
-        if cfg.train.online_probe and num_classes
-        else None
-    )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    log.info(
-        "%s: %.1fM parameters on %s, %d steps of %d (%s data)",
-        cfg.model.name,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        device,
-        cfg.train.steps,
-        cfg.train.batch_size,
-        cfg.data.source,
-    )
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
-    logger = MetricsLogger(run_dir, cfg.train.steps)
+    loader, num_classes = build_loader(cfg, env)
+    photometric = Photometric(photometric_spec(cfg))
+    augment_gen = torch.Generator(device=env.device).manual_seed(cfg.run.seed * 1000 + env.rank)
+    torch.manual_seed(cfg.run.seed * 1000 + env.rank)  # per-rank drop-path and dropout draws
+    probe = None
+    if cfg.train.online_probe and num_classes:
+        probe = OnlineProbe(model.feature_dim, num_classes).to(env.device)
+    if env.is_main:
+        log.info(
+            "%s: %.1fM parameters, %d rank(s) on %s, %d steps of %d per rank (%s data)",
+            cfg.model.name,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            env.world_size,
+            env.device.type,
+            cfg.train.steps,
+            cfg.train.batch_size,
+            cfg.data.source,
+        )
+
+    logger = MetricsLogger(run_dir, cfg.train.steps, enabled=env.is_main)
+    global_batch = cfg.train.batch_size * env.world_size
     batches = iter(loader)
     model.train()
     for step in range(cfg.train.steps):
         t_start = time.perf_counter()
         batch = next(batches)
         t_data = time.perf_counter()
-        views = [photometric(v.to(device, non_blocking=True), augment_gen) for v in batch.views]
-        global_views, local_views = views[0], (views[1] if len(views) > 1 else None)
-
-        with autocast:
-            out = model(global_views, local_views)
-        parts = loss_fn(out.z_global, out.z_local, step)
-        optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-
+        views = [photometric(v.to(env.device, non_blocking=True), augment_gen) for v in batch.views]
+        parts, out, lr = train_step(model, loss_fn, optimizer, scheduler, views, step, autocast)
+        probe_metrics = {}
         if probe is not None and batch.labels is not None:
-            labels = batch.labels.to(device).repeat(cfg.views.n_global)
+            labels = batch.labels.to(env.device).repeat(cfg.views.n_global)
             probe_loss, probe_acc = probe.step(out.features_global.flatten(0, 1), labels)
+            probe_metrics = {"probe_loss": probe_loss, "probe_acc": probe_acc}
         logger.advance()
         if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
             t_step = time.perf_counter() - t_start
-            metrics = {
-                "loss": parts.total.item(),
-                "pred": parts.prediction.item(),
-                "sigreg": parts.sigreg.item(),
-                "lr": lr,
-                "img_per_s": cfg.train.batch_size / t_step,
-                "data_wait": (t_data - t_start) / t_step,
-                "corrupt_samples": getattr(loader, "corrupt_total", 0),
-            }
-            if probe is not None and batch.labels is not None:
-                metrics.update(probe_loss=probe_loss, probe_acc=probe_acc)
+            metrics = mean_over_ranks(
+                {
+                    "loss": parts.total.item(),
+                    "pred": parts.prediction.item(),
+                    "sigreg": parts.sigreg.item(),
+                    "data_wait": (t_data - t_start) / t_step,
+                    "corrupt_samples": getattr(loader, "corrupt_total", 0),
+                    **probe_metrics,
+                },
+                env.device,
+            )
+            metrics.update(
+                lr=lr, img_per_s=global_batch / t_step, img_per_s_per_rank=cfg.train.batch_size / t_step
+            )
             logger.log(step, metrics)
     logger.close()
-    torch.save(model.state_dict(), run_dir / "model.pt")
+    weights = full_state_dict(model)
+    if env.is_main:
+        torch.save(weights, run_dir / "model.pt")
     return model
 
 
@@ -211,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     train(load_config(args.config, args.overrides))
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""Autograd-aware collectives for statistics of the global batch (SIGReg's ECF, BatchNorm moments).
+
+The forward sums a tensor over the data-parallel group; the backward sums the gradient over the
+group as well. Each rank's loss depends on every rank's samples through the summed statistic, so
+the backward sum delivers to each rank the gradient of every rank's loss, and after FSDP/DDP
+average gradients over ranks, parameter gradients equal the single-process ones on the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Differentiable SUM over `group`: every rank's gradient is the sum of all ranks' gradients."""
+    return _AllReduceSum.apply(x, group)
+
+
+def default_group() -> dist.ProcessGroup | None:
+    """The world when torch.distributed runs with more than one rank, else None (local statistic)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None

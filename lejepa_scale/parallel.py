@@ -1,0 +1,154 @@
+"""Data parallelism applied to a LeJEPA model from outside: process group and device mesh from the
+environment (torchrun or SLURM), FSDP2 per transformer block then the root (HSDP when replicas are
+configured), a bf16 mixed-precision policy, activation checkpointing, optional per-block compile,
+and initialisation that equals single-process initialisation with the same seed on any world size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistEnv:
+    """Join the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT as torchrun and submitit's TorchDistributedEnvironment export them). Without
+    WORLD_SIZE this is a single process and no group is created. NCCL on GPUs, gloo on CPUs."""
+    cuda = torch.cuda.is_available() if device_name == "auto" else device_name == "cuda"
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def build_mesh(env: DistEnv, dp_replicate: int) -> DeviceMesh:
+    """1-D ("dp_shard",) for FSDP, or 2-D ("dp_replicate", "dp_shard") for HSDP: replicate across
+    groups of ranks (nodes), shard within a group."""
+    if env.world_size % dp_replicate:
+        raise ValueError(
+            f"parallel.dp_replicate={dp_replicate} does not divide the world size {env.world_size}"
+        )
+    if dp_replicate == 1:
+        return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("dp_shard",))
+    shape = (dp_replicate, env.world_size // dp_replicate)
+    return init_device_mesh(env.device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def repeated_blocks(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute name, block) for the backbone's repeated blocks: the units to wrap for
+    checkpointing and FSDP (ViT `blocks`, CNN `stages`/`layers`)."""
+    backbone = getattr(model, "backbone", model)
+    for name in ("blocks", "stages", "layers"):
+        container = getattr(backbone, name, None)
+        if isinstance(container, nn.Sequential | nn.ModuleList):
+            return [(container, str(i), block) for i, block in enumerate(container)]
+    return []
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> None:
+    """Recompute block activations in backward: `full` wraps every block, `selective` every
+    `every`-th block (a memory/compute trade-off between none and full)."""
+    if mode == "none":
+        return
+    for i, (parent, name, block) in enumerate(repeated_blocks(model)):
+        if mode == "full" or i % every == 0:
+            setattr(parent, name, checkpoint_wrapper(block, preserve_rng_state=True))
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block (same graph for every block, so one compilation is reused)."""
+    for parent, name, block in repeated_blocks(model):
+        setattr(parent, name, torch.compile(block))
+
+
+def apply_fsdp(
+    model: nn.Module, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str, reshard: bool
+) -> None:
+    """fully_shard each block, then the root (which holds embeddings, norms and the projector)."""
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+    for _, _, block in repeated_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+
+
+def parallelize(
+    build: Callable[[], nn.Module],
+    env: DistEnv,
+    mesh: DeviceMesh | None,
+    *,
+    param_dtype: str = "bf16",
+    reduce_dtype: str = "fp32",
+    activation_checkpointing: str = "none",
+    ac_every: int = 1,
+    compile: bool = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Build the model and apply AC, compile and FSDP. Without a mesh (single process) the model is
+    built directly on the device. With one, every rank builds it on the meta device (no memory),
+    shards it, allocates only its shards, and rank 0 broadcasts a full seeded initialisation: the
+    result equals single-process init whatever the world size (sharded random init would repeat the
+    same numbers on every rank of a CPU mesh)."""
+    if mesh is None:
+        model = build().to(env.device)
+        apply_activation_checkpointing(model, activation_checkpointing, ac_every)
+        if compile:
+            apply_compile(model)
+        return model
+    with torch.device("meta"):
+        model = build()
+    apply_activation_checkpointing(model, activation_checkpointing, ac_every)
+    if compile:
+        apply_compile(model)
+    apply_fsdp(model, mesh, param_dtype, reduce_dtype, reshard_after_forward)
+    model.to_empty(device=env.device)
+    reference = build() if env.is_main else None
+    full = reference.state_dict() if env.is_main else {}
+    set_model_state_dict(
+        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    _broadcast_buffers(model, reference)
+    return model
+
+
+def _broadcast_buffers(model: nn.Module, reference: nn.Module | None) -> None:
+    """Buffers (persistent or not) are plain replicated tensors under FSDP: rank 0 copies them from
+    its freshly built reference model, then broadcasts."""
+    wrapped = "_checkpoint_wrapped_module."
+    source = dict(reference.named_buffers()) if reference is not None else {}
+    for name, buffer in model.named_buffers():
+        if reference is not None:
+            buffer.copy_(source[name.replace(wrapped, "").replace("_orig_mod.", "")])
+        dist.broadcast(buffer, src=0)

@@ -1,0 +1,251 @@
+"""`python -m lejepa_scale.plan --config FILE --nodes 16 --gpus-per-node 8 --gpu-mem 80`: per-GPU
+memory and FLOPs of one LeJEPA step before anything is launched, and the largest per-GPU batch and
+activation-checkpointing setting that fit.
+
+The model is built on the meta device (no memory) to read its shape. Memory per GPU, for FSDP2
+sharding over `shard` ranks (the GPUs of a node under HSDP, all GPUs under FSDP):
+
+* parameters, fp32 master copy, sharded: 4 P / shard; gradients (reduce dtype) and AdamW's two
+  fp32 moments likewise sharded;
+* communication buffers: the gathered compute-dtype parameters of two blocks (the one running and
+  the one prefetched) plus one block's unsharded gradients before its reduce-scatter;
+* activations saved for backward, per block and token: 8 D + 2 H elements for a timm ViT block
+  (D width, H MLP width; measured with saved-tensor hooks: LayerNorm inputs, qkv, q/k/v and the
+  attention output, projection and MLP inputs), at 4 bytes in fp32 and 2 bytes plus the fp32
+  LayerNorm and residual tensors (6 D more bytes) under bf16; a checkpointed block keeps only its
+  input (D elements) and recomputes one block at a time in backward;
+* a fixed allowance for the CUDA context and allocator fragmentation (`--reserve`).
+
+FLOPs are model FLOPs of forward + backward (3 x forward, recomputation excluded): per block
+2 x tokens x (matmul parameters) + 4 x tokens² x D for attention, plus patch embedding and projector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lejepa_scale.config import Config, load_config
+from lejepa_scale.model import LeJEPAModel
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    block_params: int
+    depth: int
+    width: int
+    mlp_hidden: int
+    patch: int
+    prefix_tokens: int
+    proj_hidden: int
+    proj_dim: int
+
+
+def model_shape(cfg: Config) -> ModelShape:
+    with torch.device("meta"):
+        model = LeJEPAModel(
+            cfg.model.name,
+            img_size=cfg.views.global_size,
+            proj_hidden_dim=cfg.model.proj_hidden_dim,
+            proj_dim=cfg.model.proj_dim,
+            backbone_kwargs=dict(cfg.model.backbone_kwargs),
+        )
+    backbone = model.backbone
+    if not hasattr(backbone, "blocks") or not hasattr(backbone.blocks[0], "mlp"):
+        raise SystemExit(
+            f"the planner models ViT backbones (timm VisionTransformer); {cfg.model.name} is not one"
+        )
+    block = backbone.blocks[0]
+    return ModelShape(
+        params=sum(p.numel() for p in model.parameters()),
+        block_params=sum(p.numel() for p in block.parameters()),
+        depth=len(backbone.blocks),
+        width=backbone.embed_dim,
+        mlp_hidden=block.mlp.fc1.out_features,
+        patch=backbone.patch_embed.patch_size[0],
+        prefix_tokens=backbone.num_prefix_tokens,
+        proj_hidden=cfg.model.proj_hidden_dim,
+        proj_dim=cfg.model.proj_dim,
+    )
+
+
+def view_tokens(shape: ModelShape, cfg: Config) -> list[tuple[int, int]]:
+    """(views, tokens per view) for the global and the local crops."""
+    out = [(cfg.views.n_global, (cfg.views.global_size // shape.patch) ** 2 + shape.prefix_tokens)]
+    if cfg.views.n_local:
+        out.append((cfg.views.n_local, (cfg.views.local_size // shape.patch) ** 2 + shape.prefix_tokens))
+    return out
+
+
+def flops_per_sample(shape: ModelShape, cfg: Config) -> float:
+    """Model FLOPs of forward + backward for one image (all its views)."""
+    d, h = shape.width, shape.mlp_hidden
+    block_matmul = 4 * d * d + 2 * d * h  # qkv (3 d²), projection (d²), MLP (2 d h)
+    total = 0.0
+    for views, tokens in view_tokens(shape, cfg):
+        patches = tokens - shape.prefix_tokens
+        block = 2 * tokens * block_matmul + 4 * tokens * tokens * d
+        embed = 2 * patches * 3 * shape.patch**2 * d
+        projector = 2 * (d * shape.proj_hidden + shape.proj_hidden**2 + shape.proj_hidden * shape.proj_dim)
+        total += views * (shape.depth * block + embed + projector)
+    return 3 * total
+
+
+def activation_bytes(
+    shape: ModelShape, cfg: Config, batch: int, ac: str, ac_every: int = 2
+) -> tuple[float, float]:
+    """(saved for backward, rebuilt during backward) in bytes: what the blocks keep (all their
+    tensors, or only their input when checkpointed), the embedding/final-norm tensors and input
+    images, the projector; plus, with checkpointing, one block recomputed for the largest forward."""
+    d, h = shape.width, shape.mlp_hidden
+    bf16 = cfg.train.precision == "bf16"
+    elem = 2 if bf16 else 4
+    per_token = (2 * (8 * d + 2 * h) + 6 * d) if bf16 else 4 * (8 * d + 2 * h)
+    checkpointed = {"none": 0, "full": shape.depth, "selective": math.ceil(shape.depth / ac_every)}[ac]
+    kept = shape.depth - checkpointed
+    per_view = view_tokens(shape, cfg)
+    tokens = sum(views * t for views, t in per_view) * batch
+    saved = tokens * (
+        kept * per_token + checkpointed * d * elem + 2 * d * elem
+    )  # + patch/pos embed, final norm
+    sizes = [(cfg.views.n_global, cfg.views.global_size), (cfg.views.n_local, cfg.views.local_size)]
+    saved += sum(n * batch * 3 * size * size * 4 for n, size in sizes)  # the input images (fp32)
+    saved += (
+        sum(v for v, _ in per_view) * batch * (3 * shape.proj_hidden + 2 * shape.proj_dim) * 4
+    )  # projector
+    recompute = max(views * t for views, t in per_view) * batch * per_token if checkpointed else 0.0
+    return saved, recompute
+
+
+@dataclass
+class Plan:
+    batch: int
+    ac: str
+    shard: int
+    params: float
+    grads: float
+    optimizer: float
+    comm: float
+    activations: float  # saved for backward
+    recompute: float  # one checkpointed block rebuilt during backward
+    reserve: float
+    flops_per_step: float
+
+    @property
+    def total(self) -> float:
+        return (
+            self.params
+            + self.grads
+            + self.optimizer
+            + self.comm
+            + self.activations
+            + self.recompute
+            + self.reserve
+        )
+
+
+def make_plan(
+    shape: ModelShape, cfg: Config, *, shard: int, batch: int, ac: str, reserve_gib: float = 2.0
+) -> Plan:
+    compute_bytes = 2 if cfg.train.precision == "bf16" else 4
+    reduce_bytes = 2 if cfg.parallel.reduce_dtype == "bf16" else 4
+    comm = 0.0 if shard == 1 else shape.block_params * (2 * compute_bytes + reduce_bytes)
+    saved, recompute = activation_bytes(shape, cfg, batch, ac, cfg.parallel.ac_every)
+    return Plan(
+        batch=batch,
+        ac=ac,
+        shard=shard,
+        params=4 * shape.params / shard,
+        grads=reduce_bytes * shape.params / shard,
+        optimizer=8 * shape.params / shard,
+        comm=comm,
+        activations=saved,
+        recompute=recompute,
+        reserve=reserve_gib * GiB,
+        flops_per_step=flops_per_sample(shape, cfg) * batch,
+    )
+
+
+def largest_batch(
+    shape: ModelShape, cfg: Config, *, shard: int, ac: str, budget: float, reserve_gib: float
+) -> int:
+    """Largest per-GPU batch whose plan fits `budget` bytes (0 if none does)."""
+    lo, hi = 0, 1
+    while make_plan(shape, cfg, shard=shard, batch=hi, ac=ac, reserve_gib=reserve_gib).total <= budget:
+        lo, hi = hi, hi * 2
+        if hi > 1 << 16:
+            break
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        fits = make_plan(shape, cfg, shard=shard, batch=mid, ac=ac, reserve_gib=reserve_gib).total <= budget
+        lo, hi = (mid, hi) if fits else (lo, mid)
+    return lo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU")
+    parser.add_argument("--reserve", type=float, default=2.0, help="GiB for CUDA context and fragmentation")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    world = args.nodes * args.gpus_per_node
+    shard = args.gpus_per_node if cfg.parallel.dp_replicate > 1 else world
+    shape = model_shape(cfg)
+    plan = make_plan(
+        shape,
+        cfg,
+        shard=shard,
+        batch=cfg.train.batch_size,
+        ac=cfg.parallel.activation_checkpointing,
+        reserve_gib=args.reserve,
+    )
+    print(
+        f"{cfg.model.name}: {shape.params / 1e9:.3f} B parameters ({shape.depth} blocks, "
+        f"width {shape.width}, MLP {shape.mlp_hidden}), {world} GPUs, FSDP shard degree {shard}"
+    )
+    print(f"per GPU at batch {plan.batch}, activation checkpointing '{plan.ac}', {cfg.train.precision}:")
+    for name in ("params", "grads", "optimizer", "comm", "activations", "recompute", "reserve"):
+        print(f"  {name:<12} {getattr(plan, name) / GiB:8.2f} GiB")
+    verdict = "fits" if plan.total <= args.gpu_mem * GiB else "DOES NOT FIT"
+    print(f"  {'total':<12} {plan.total / GiB:8.2f} GiB of {args.gpu_mem:g} GiB: {verdict}")
+    print(
+        f"  model FLOPs per step: {plan.flops_per_step / 1e12:.2f} TFLOP per GPU "
+        f"({plan.flops_per_step * world / 1e15:.2f} PFLOP for the global batch of {plan.batch * world})"
+    )
+    print("largest per-GPU batch that fits:")
+    fits = {}
+    for ac in ("none", "selective", "full"):
+        fits[ac] = largest_batch(
+            shape, cfg, shard=shard, ac=ac, budget=args.gpu_mem * GiB, reserve_gib=args.reserve
+        )
+        print(f"  activation_checkpointing={ac:<10} batch {fits[ac]}")
+    wanted = cfg.train.batch_size
+    enough = [ac for ac, b in fits.items() if b >= wanted]
+    if enough:  # the least recomputation that runs the recipe's batch
+        print(
+            f"recommendation: parallel.activation_checkpointing={enough[0]} with train.batch_size={wanted} "
+            f"(fits up to {fits[enough[0]]})"
+        )
+    elif fits["full"]:
+        print(
+            f"recommendation: parallel.activation_checkpointing=full with train.batch_size={fits['full']}; "
+            f"the recipe's {wanted} does not fit"
+        )
+    else:
+        print(
+            "recommendation: nothing fits; shard over more GPUs (FSDP over all GPUs) or use a smaller model"
+        )
+
+
+if __name__ == "__main__":
+    main()

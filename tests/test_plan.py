@@ -1,0 +1,113 @@
+"""The memory planner against measured memory (torch's MemTracker, which tracks CPU tensors)."""
+
+import pytest
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+from lejepa_scale.config import load_config
+from lejepa_scale.plan import flops_per_sample, largest_batch, main, make_plan, model_shape
+from lejepa_scale.train import build_loss, build_model, build_optimizer, warmup_cosine
+
+GiB = 2**30
+
+
+def tiny(*overrides):
+    return load_config(
+        None,
+        [
+            "run.dir=unused",
+            "model.name=vit_tiny_patch16_224",
+            "model.backbone_kwargs={patch_size: 4, embed_dim: 96, depth: 3, num_heads: 3}",
+            "model.proj_hidden_dim=128",
+            "model.proj_dim=32",
+            "views.global_size=32",
+            "views.local_size=16",
+            "views.n_local=4",
+            "train.precision=fp32",
+            "train.batch_size=16",
+            *overrides,
+        ],
+    )
+
+
+def measure(cfg, ac: str):
+    """Peak memory by category over the second training step (AdamW states exist by then)."""
+    from lejepa_scale.parallel import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    apply_activation_checkpointing(model, ac, cfg.parallel.ac_every)
+    loss_fn, optimizer = build_loss(cfg), build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    b = cfg.train.batch_size
+    views = [torch.randn(2, b, 3, 32, 32), torch.randn(4, b, 3, 16, 16)]
+
+    def step(i):
+        out = model(*views)
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(out.z_global, out.z_local, i).total.backward()
+        optimizer.step()
+        scheduler.step()
+
+    step(0)
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step(1)
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+
+
+@pytest.mark.parametrize("ac", ["none", "full"])
+def test_parameter_and_activation_predictions_match_measurement(ac):
+    cfg = tiny()
+    shape = model_shape(cfg)
+    plan = make_plan(shape, cfg, shard=1, batch=cfg.train.batch_size, ac=ac, reserve_gib=0)
+    peak = measure(cfg, ac)
+    assert shape.params == sum(p.numel() for p in build_model(cfg).parameters())
+    assert peak[_MemRefType.PARAM] == pytest.approx(plan.params, rel=0.01)
+    assert peak[_MemRefType.OPT] == pytest.approx(plan.optimizer, rel=0.01)
+    assert peak[_MemRefType.ACT] == pytest.approx(plan.activations, rel=0.15)  # saved for backward
+    assert plan.grads == 4 * shape.params
+
+
+def test_checkpointing_shrinks_activations_and_grows_the_batch():
+    cfg = load_config("configs/vit_h14_in1k.yaml")
+    shape = model_shape(cfg)
+    none, full = (make_plan(shape, cfg, shard=8, batch=32, ac=ac) for ac in ("none", "full"))
+    assert full.activations < none.activations / 5
+    budget = 80 * GiB
+    assert largest_batch(shape, cfg, shard=8, ac="full", budget=budget, reserve_gib=2) > largest_batch(
+        shape, cfg, shard=8, ac="none", budget=budget, reserve_gib=2
+    )
+
+
+def test_flops_of_vit_b16_at_224_match_the_usual_count():
+    cfg = load_config(
+        None,
+        [
+            "run.dir=x",
+            "model.name=vit_base_patch16_224",
+            "views.global_size=224",
+            "views.n_global=1",
+            "views.n_local=0",
+        ],
+    )
+    per_image = flops_per_sample(model_shape(cfg), cfg) / 3  # forward only
+    assert per_image == pytest.approx(2 * 17.6e9, rel=0.05)  # ViT-B/16: 17.6 GMACs per 224 px image
+
+
+def test_cli_prints_a_plan_for_vit_g_on_16_nodes(capsys):
+    main(
+        [
+            "--config",
+            "configs/vit_g14_in1k_16nodes.yaml",
+            "--nodes",
+            "16",
+            "--gpus-per-node",
+            "8",
+            "--gpu-mem",
+            "80",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "1.8" in out and "largest per-GPU batch" in out and "recommendation" in out
