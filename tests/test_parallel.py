@@ -221,3 +221,15 @@ def test_trainer_under_torchrun_with_two_ranks(tmp_path):
     assert records[0]["img_per_s"] == pytest.approx(2 * records[0]["img_per_s_per_rank"])
     cfg = load_config("configs/demo_cpu.yaml", [f"run.dir={tmp_path}"])
     build_model(cfg).load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+
+
+def test_compiled_blocks_give_the_same_loss_and_checkpoint_keys():
+    cfg = tiny_config()
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    compiled = parallelize(lambda: build_model(cfg), env, None, compile=True)
+    eager = build_model(cfg)
+    views = [torch.randn(2, 4, 3, 16, 16), torch.randn(2, 4, 3, 8, 8)]
+    loss_fn = build_loss(cfg)
+    a, b = (loss_fn(m(*views).z_global, m(*views).z_local, 0).total for m in (compiled, eager))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert full_state_dict(compiled).keys() == eager.state_dict().keys()
