@@ -95,6 +95,16 @@ class TrainConfig:
     online_probe: bool = True  # linear probe on detached backbone features when labels exist
     log_every: int = 10
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    max_nonfinite_steps: int = 5  # consecutive NaN/Inf losses (updates skipped) before stopping
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # 0: never by step count
+    every_minutes: float = 30.0  # 0: never by time
+    keep_last: int = 2  # complete checkpoints kept (>= 2)
+    keep_every: int = 0  # also keep every N-th step for good (0: none)
+    async_save: bool = True  # training continues while the previous save is written
 
 
 @dataclass
@@ -126,6 +136,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -149,6 +160,8 @@ def _validate(cfg: Config) -> None:
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be 'auto', 'cpu' or 'cuda'"),
         (cfg.train.steps >= 1, "train.steps", "must be >= 1"),
         (cfg.train.batch_size >= 2, "train.batch_size", "must be >= 2 (SIGReg and BatchNorm need a batch)"),
+        (cfg.checkpoint.keep_last >= 2, "checkpoint.keep_last", "must be >= 2 (the newest may be in flight)"),
+        (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1"),
         (cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1"),
         (cfg.parallel.reduce_dtype in ("bf16", "fp32"), "parallel.reduce_dtype", "must be 'bf16' or 'fp32'"),
         (

@@ -15,6 +15,10 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, total_steps: int, *, start_step: int = 0, enabled: bool = True):
         self.enabled = enabled
+        path = run_dir / "metrics.jsonl"
+        if enabled and path.exists():  # a resumed or restarted run re-logs what followed its checkpoint
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step]
+            path.write_text("".join(f"{line}\n" for line in kept))
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
         self.bar = tqdm(
             total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True, unit="step"

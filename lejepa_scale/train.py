@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from data_pipeline.in_memory import InMemoryViews
 from data_pipeline.shards import resolve_classes, resolve_shards
 from data_pipeline.stream import ShardViews
 from data_pipeline.views import CropSpec, MultiCrop, Photometric, PhotometricSpec
+from lejepa_scale.checkpoint import EXIT_PREEMPTED, Checkpointer, Preempted, PreemptionFlag, TrainState
 from lejepa_scale.config import Config, load_config, to_yaml
 from lejepa_scale.metrics import MetricsLogger
 from lejepa_scale.model import LeJEPAModel, ModelOutput
@@ -161,18 +163,24 @@ def train_step(
     views: list[torch.Tensor],
     step: int,
     autocast: torch.autocast,
-) -> tuple[LossParts, ModelOutput, float]:
+) -> tuple[LossParts, ModelOutput, float, bool]:
     """Forward every crop size, the LeJEPA loss (SIGReg over the global batch), backward, AdamW.
-    Returns the loss parts, the model output and the learning rate this step used."""
+    A non-finite loss on any rank skips the update on every rank. Returns the loss parts, the model
+    output, the learning rate this step used and whether the update was applied."""
     with autocast:
         out = model(views[0], views[1] if len(views) > 1 else None)
     parts = loss_fn(out.z_global, out.z_local, step)
     optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    finite = torch.isfinite(parts.total.detach()).float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    applied = bool(finite.item())
+    if applied:
+        optimizer.step()
     scheduler.step()
-    return parts, out, lr
+    return parts, out, lr, applied
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -223,16 +231,41 @@ def train(cfg: Config) -> LeJEPAModel:
             cfg.data.source,
         )
 
-    logger = MetricsLogger(run_dir, cfg.train.steps, enabled=env.is_main)
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints",
+        every_steps=cfg.checkpoint.every_steps,
+        every_minutes=cfg.checkpoint.every_minutes,
+        keep_last=cfg.checkpoint.keep_last,
+        keep_every=cfg.checkpoint.keep_every,
+        async_save=cfg.checkpoint.async_save,
+    )
+    state = TrainState(
+        model, optimizer, scheduler, loader, {"augment": augment_gen}, probe, {"config": to_yaml(cfg)}
+    )
+    latest = checkpointer.latest()
+    start_step = checkpointer.load(latest, state) if latest is not None else 0
+    preemption = PreemptionFlag()
+
+    logger = MetricsLogger(run_dir, cfg.train.steps, start_step=start_step, enabled=env.is_main)
     global_batch = cfg.train.batch_size * env.world_size
     batches = iter(loader)
+    bad_steps = skipped = 0
     model.train()
-    for step in range(cfg.train.steps):
+    for step in range(start_step, cfg.train.steps):
         t_start = time.perf_counter()
         batch = next(batches)
         t_data = time.perf_counter()
         views = [photometric(v.to(env.device, non_blocking=True), augment_gen) for v in batch.views]
-        parts, out, lr = train_step(model, loss_fn, optimizer, scheduler, views, step, autocast)
+        parts, out, lr, applied = train_step(model, loss_fn, optimizer, scheduler, views, step, autocast)
+        bad_steps = 0 if applied else bad_steps + 1
+        skipped += 0 if applied else 1
+        if bad_steps >= cfg.train.max_nonfinite_steps:  # agreed by every rank (train_step all-reduces)
+            checkpointer.finish()
+            raise FloatingPointError(
+                f"the loss was NaN/Inf for {bad_steps} consecutive steps (last: step {step}); their updates "
+                f"were skipped, so {checkpointer.latest()} holds the last good weights. "
+                "Lower optim.lr or check the data."
+            )
         probe_metrics = {}
         if probe is not None and batch.labels is not None:
             labels = batch.labels.to(env.device).repeat(cfg.views.n_global)
@@ -248,6 +281,7 @@ def train(cfg: Config) -> LeJEPAModel:
                     "sigreg": parts.sigreg.item(),
                     "data_wait": (t_data - t_start) / t_step,
                     "corrupt_samples": getattr(loader, "corrupt_total", 0),
+                    "skipped_nonfinite": skipped,
                     **probe_metrics,
                 },
                 env.device,
@@ -256,6 +290,17 @@ def train(cfg: Config) -> LeJEPAModel:
                 lr=lr, img_per_s=global_batch / t_step, img_per_s_per_rank=cfg.train.batch_size / t_step
             )
             logger.log(step, metrics)
+        checkpointer.poll()
+        if preemption.any_rank():
+            checkpointer.save(step + 1, state, blocking=True)
+            logger.close()
+            raise Preempted(
+                f"signal {preemption.received} at step {step}: checkpoint saved, exiting to be requeued"
+            )
+        if step + 1 < cfg.train.steps and checkpointer.due(step + 1):
+            checkpointer.save(step + 1, state)
+    if latest is None or start_step < cfg.train.steps:
+        checkpointer.save(cfg.train.steps, state, blocking=True)
     logger.close()
     weights = full_state_dict(model)
     if env.is_main:
@@ -269,9 +314,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    train(load_config(args.config, args.overrides))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg)
+    except Preempted as e:
+        log.warning("%s", e)
+        sys.exit(EXIT_PREEMPTED)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""Training stall per checkpoint, async vs sync, and resume time, for a ViT-B/16 LeJEPA state.
+
+python benchmarks/checkpoint_stall.py [--repeats 3] [--dir /tmp/lejepa_ckpt_bench]
+
+The stall is the time `Checkpointer.save` blocks the training loop (async: staging a copy of the
+state; sync: the whole write). Model + AdamW state of ViT-B/16 with the default projector (about
+1.1 GB on disk). One process on CPU; medians of `--repeats` saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lejepa_scale.checkpoint import Checkpointer, TrainState
+from lejepa_scale.config import load_config
+from lejepa_scale.train import build_loss, build_model, build_optimizer, warmup_cosine
+
+
+class _Position:
+    def state_dict(self):
+        return {"epoch": 0, "batch": 0}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/lejepa_ckpt_bench"))
+    args = parser.parse_args()
+    cfg = load_config(None, ["run.dir=unused", "model.name=vit_base_patch16_224", "views.global_size=224"])
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    out = model(torch.randn(2, 2, 3, 224, 224), torch.randn(2, 2, 3, 96, 96))
+    build_loss(cfg)(out.z_global, out.z_local, 0).total.backward()
+    optimizer.step()  # AdamW moments exist
+    state = TrainState(model, optimizer, scheduler, _Position(), {"augment": torch.Generator()})
+    params = sum(p.numel() for p in model.parameters())
+    print(f"ViT-B/16 + projector: {params / 1e6:.1f} M parameters, torch {torch.__version__}")
+
+    stalls = {}
+    for mode in ("sync", "async"):
+        shutil.rmtree(args.dir, ignore_errors=True)
+        ckpt = Checkpointer(args.dir, every_steps=0, every_minutes=0, keep_last=2, async_save=mode == "async")
+        times = []
+        for i in range(args.repeats):
+            start = time.perf_counter()
+            ckpt.save(i + 1, state)
+            times.append(time.perf_counter() - start)
+            ckpt.finish()  # the write completes before the next measurement
+        stalls[mode] = statistics.median(times)
+    size = sum(f.stat().st_size for f in ckpt.latest().rglob("*") if f.is_file()) / 2**30
+    start = time.perf_counter()
+    ckpt.load(ckpt.latest(), state)
+    resume = time.perf_counter() - start
+    shutil.rmtree(args.dir, ignore_errors=True)
+    ratio = 100 * stalls["async"] / stalls["sync"]
+    print(
+        f"| checkpoint of {size:.2f} GiB | sync save stall {stalls['sync']:.2f} s | async stall "
+        f"{stalls['async']:.2f} s | **{ratio:.0f}%** of sync | resume {resume:.2f} s |"
+    )
+
+
+if __name__ == "__main__":
+    main()

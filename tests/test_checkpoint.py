@@ -1,0 +1,192 @@
+"""Checkpoints and resume with real gloo ranks under torchrun: bit-exact resume after SIGKILL,
+half-written checkpoints, SIGUSR2, retention, tampered files, non-finite losses."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lejepa_scale.checkpoint import EXIT_PREEMPTED, CheckpointError, load_tensors
+
+ROOT = Path(__file__).parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+SMALL = [
+    "train.batch_size=16",
+    "train.log_every=1",
+    "loss.num_slices=64",
+    "optim.warmup_steps=2",
+    "model.backbone_kwargs={patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}",
+]
+
+
+def command(run_dir, nproc, *overrides):
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    return [
+        sys.executable,
+        *launcher,
+        "-m",
+        "lejepa_scale.train",
+        "--config",
+        str(ROOT / "configs/demo_cpu.yaml"),
+        f"run.dir={run_dir}",
+        *SMALL,
+        *overrides,
+    ]
+
+
+def run(run_dir, nproc, *overrides, check=True):
+    result = subprocess.run(
+        command(run_dir, nproc, *overrides), capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir):
+    return [
+        (r["step"], r["loss"])
+        for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    ]
+
+
+def weights(run_dir):
+    return torch.load(Path(run_dir) / "model.pt", weights_only=True)
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.005)
+    raise TimeoutError
+
+
+def rank_pids(launcher_pid):
+    """The trainer processes torchrun started (not its helper processes)."""
+    out = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if b"lejepa_scale.train" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def test_sigkill_of_one_rank_then_restart_is_bit_exact(tmp_path):
+    steps = ["train.steps=8", "checkpoint.every_steps=5"]
+    run(tmp_path / "straight", 2, *steps)
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        command(interrupted, 2, *steps),
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(
+        lambda: (
+            (interrupted / "checkpoints" / "step-00000005.tmp").exists()
+            or (interrupted / "checkpoints" / "step-00000005").exists()
+        )
+    )
+    os.kill(rank_pids(proc.pid)[-1], signal.SIGKILL)  # one rank dies; torchrun tears the job down
+    assert proc.wait(timeout=120) != 0
+    assert not (interrupted / "model.pt").exists()
+    run(interrupted, 2, *steps)  # same command: resumes from the newest complete checkpoint
+    assert losses(interrupted) == losses(tmp_path / "straight")
+    straight, resumed = weights(tmp_path / "straight"), weights(interrupted)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_half_written_checkpoint_is_ignored_and_removed(tmp_path):
+    run(tmp_path, 2, "train.steps=4", "checkpoint.every_steps=2")
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000002", "step-00000004"]
+    # what a job killed mid-write leaves: a .tmp directory with partial shards
+    partial = folder / "step-00000006.tmp"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"\0" * 100)
+    result = run(tmp_path, 2, "train.steps=6", "checkpoint.every_steps=2")
+    assert "resumed from" in result.stderr and "step-00000004" in result.stderr
+    assert "removing incomplete checkpoint" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000004", "step-00000006"]
+
+
+def test_sigusr2_saves_at_the_next_step_boundary_and_exits_for_requeue(tmp_path):
+    proc = subprocess.Popen(
+        command(tmp_path, 2, "train.steps=200", "checkpoint.every_steps=0", "checkpoint.every_minutes=0"),
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    os.kill(rank_pids(proc.pid)[0], signal.SIGUSR2)  # like `scancel --signal=USR2`, to one rank
+    _, stderr = proc.communicate(timeout=120)
+    assert f"exitcode  : {EXIT_PREEMPTED}" in stderr or f"exit code {EXIT_PREEMPTED}" in stderr.lower()
+    saved = sorted((tmp_path / "checkpoints").iterdir())
+    assert len(saved) == 1 and not saved[0].name.endswith(".tmp")
+    step = int(saved[0].name.split("-")[1])
+    assert 3 <= step < 200 and not (tmp_path / "model.pt").exists()
+    assert max(s for s, _ in losses(tmp_path)) == step - 1  # stopped at the boundary it saved
+
+
+def test_retention_keeps_exactly_k_plus_the_permanent_ones(tmp_path):
+    run(
+        tmp_path,
+        1,
+        "train.steps=9",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=2",
+        "checkpoint.keep_every=4",
+    )
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000004", "step-00000008", "step-00000009"]
+    run(tmp_path / "plain", 1, "train.steps=9", "checkpoint.every_steps=2", "checkpoint.keep_last=3")
+    assert sorted(p.name for p in (tmp_path / "plain" / "checkpoints").iterdir()) == [
+        "step-00000006",
+        "step-00000008",
+        "step-00000009",
+    ]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {Path(os.environ['PAYLOAD_MARK'])}",))
+
+
+def test_tampered_checkpoint_is_refused(tmp_path, monkeypatch):
+    run(tmp_path, 1, "train.steps=2", "checkpoint.every_steps=0")
+    ckpt = tmp_path / "checkpoints" / "step-00000002"
+    mark = tmp_path / "pwned"
+    monkeypatch.setenv("PAYLOAD_MARK", str(mark))
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="refusing to load posix.system|refusing to load os.system"):
+        load_tensors(ckpt, {"x": torch.zeros(1)})
+    assert not mark.exists()
+    # and the trainer itself refuses to resume from it
+    result = run(tmp_path, 1, "train.steps=3", "checkpoint.every_steps=0", check=False)
+    assert result.returncode != 0 and "refusing to load" in result.stderr and not mark.exists()
+
+
+def test_nonfinite_losses_skip_updates_then_stop_with_a_clear_error(tmp_path):
+    result = run(
+        tmp_path,
+        1,
+        "train.steps=30",
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "train.max_nonfinite_steps=3",
+        "checkpoint.every_steps=1",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "NaN/Inf for 3 consecutive steps" in result.stderr
+    for ckpt in (tmp_path / "checkpoints").glob("step-*"):
+        assert not ckpt.name.endswith(".tmp")
