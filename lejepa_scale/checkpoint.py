@@ -35,7 +35,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +358,49 @@ class Checkpointer:
         return int(meta["step"])
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir (its newest complete checkpoint), a checkpoints folder, or one step dir."""
+    path = Path(path)
+    if STEP_DIR.match(path.name) and (path / "meta.json").exists():
+        return path
+    for folder in (path / "checkpoints", path):
+        done = sorted((p for p in folder.glob("step-*") if STEP_DIR.match(p.name)), key=lambda p: p.name)
+        if done:
+            return done[-1]
+    raise CheckpointError(f"no complete checkpoint under {path} (looked for checkpoints/step-NNNNNNNN/)")
+
+
+def load_model_weights(path: Path, model: torch.nn.Module, group=None) -> None:
+    """Only the model from a checkpoint, resharded to this job's layout (any world size)."""
+    template = {"model": get_model_state_dict(model)}
+    load_tensors(path, template, group)
+    set_model_state_dict(model, template["model"])
+
+
+def export_backbone(path: str | Path, out: Path) -> Path:
+    """Write the backbone of a checkpoint as one safetensors file that timm loads directly."""
+    from safetensors.torch import save_file
+
+    from lejepa_scale.config import from_yaml
+    from lejepa_scale.train import build_model
+
+    step_dir = resolve_checkpoint(path)
+    cfg = from_yaml(json.loads((step_dir / "meta.json").read_text())["config"])
+    model = build_model(cfg)
+    load_model_weights(step_dir, model)
+    weights = {k: v.contiguous() for k, v in model.backbone.state_dict().items()}
+    save_file(
+        weights,
+        str(out),
+        metadata={
+            "timm_model": cfg.model.name,
+            "timm_kwargs": json.dumps({**dict(cfg.model.backbone_kwargs), "img_size": cfg.views.global_size}),
+            "checkpoint": str(step_dir),
+        },
+    )
+    return step_dir
+
+
 class PreemptionFlag:
     """SIGTERM, SIGUSR1 and SIGUSR2 (what SLURM sends before preemption or the time limit) only set
     a flag; the trainer checks it at step boundaries, all ranks together."""
@@ -369,3 +417,24 @@ class PreemptionFlag:
 
     def any_rank(self) -> bool:
         return not _all_true(self.received is None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lejepa_scale.checkpoint export RUN_DIR --out FILE`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lejepa_scale.checkpoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="consolidated backbone weights (safetensors) for timm")
+    export.add_argument("checkpoint", help="run dir (newest complete checkpoint) or a step dir")
+    export.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    step_dir = export_backbone(args.checkpoint, args.out)
+    print(
+        f"wrote {args.out} from {step_dir}; load it with timm.create_model(name, num_classes=0, ...) "
+        "and safetensors.torch.load_file (model name and kwargs are in the file's metadata)"
+    )
+
+
+if __name__ == "__main__":
+    main()

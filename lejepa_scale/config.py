@@ -105,6 +105,8 @@ class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept (>= 2)
     keep_every: int = 0  # also keep every N-th step for good (0: none)
     async_save: bool = True  # training continues while the previous save is written
+    load_from: str | None = None  # a fresh run starts from this run dir or step dir (ignored on resume)
+    load_model_only: bool = True  # load_from: weights only (any world size), or everything (same world size)
 
 
 @dataclass
@@ -202,6 +204,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"config key {key!r}: {e.msg if hasattr(e, 'msg') else e}".split("\n")[0]) from e
     _validate(cfg)
     return cfg
+
+
+def from_yaml(text: str) -> Config:
+    """A config saved by `to_yaml` (in a run dir or checkpoint), validated against today's schema."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"saved config does not match the schema: {e}".split("\n")[0]) from e
 
 
 def to_yaml(cfg: Config) -> str:

@@ -28,7 +28,15 @@ from data_pipeline.in_memory import InMemoryViews
 from data_pipeline.shards import resolve_classes, resolve_shards
 from data_pipeline.stream import ShardViews
 from data_pipeline.views import CropSpec, MultiCrop, Photometric, PhotometricSpec
-from lejepa_scale.checkpoint import EXIT_PREEMPTED, Checkpointer, Preempted, PreemptionFlag, TrainState
+from lejepa_scale.checkpoint import (
+    EXIT_PREEMPTED,
+    Checkpointer,
+    Preempted,
+    PreemptionFlag,
+    TrainState,
+    load_model_weights,
+    resolve_checkpoint,
+)
 from lejepa_scale.config import Config, load_config, to_yaml
 from lejepa_scale.metrics import MetricsLogger
 from lejepa_scale.model import LeJEPAModel, ModelOutput
@@ -244,6 +252,15 @@ def train(cfg: Config) -> LeJEPAModel:
     )
     latest = checkpointer.latest()
     start_step = checkpointer.load(latest, state) if latest is not None else 0
+    if latest is None and cfg.checkpoint.load_from:  # a new run that starts from another run's weights
+        source = resolve_checkpoint(cfg.checkpoint.load_from)
+        if cfg.checkpoint.load_model_only:
+            load_model_weights(source, model, checkpointer.group)
+        else:
+            start_step = checkpointer.load(source, state)
+        log.info(
+            "initialised from %s (%s)", source, "weights" if cfg.checkpoint.load_model_only else "full state"
+        )
     preemption = PreemptionFlag()
 
     logger = MetricsLogger(run_dir, cfg.train.steps, start_step=start_step, enabled=env.is_main)

@@ -190,3 +190,61 @@ def test_nonfinite_losses_skip_updates_then_stop_with_a_clear_error(tmp_path):
     assert "NaN/Inf for 3 consecutive steps" in result.stderr
     for ckpt in (tmp_path / "checkpoints").glob("step-*"):
         assert not ckpt.name.endswith(".tmp")
+
+
+def test_export_loads_into_timm_with_matching_outputs(tmp_path):
+    import timm
+    from safetensors.torch import load_file, safe_open
+
+    from lejepa_scale.config import load_config
+    from lejepa_scale.train import build_model
+
+    run(tmp_path, 2, "train.steps=2", "checkpoint.every_steps=0")  # sharded over 2 ranks
+    out = tmp_path / "backbone.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "lejepa_scale.checkpoint", "export", str(tmp_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    backbone = timm.create_model(
+        meta["timm_model"], num_classes=0, dynamic_img_size=True, **json.loads(meta["timm_kwargs"])
+    ).eval()
+    backbone.load_state_dict(load_file(str(out)), strict=True)
+    cfg = load_config(ROOT / "configs/demo_cpu.yaml", [f"run.dir={tmp_path}", *SMALL])
+    trained = build_model(cfg).eval()
+    trained.load_state_dict(weights(tmp_path))
+    images = torch.randn(3, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), trained.features(images))
+
+
+def test_load_from_starts_a_new_run_from_another_runs_weights(tmp_path):
+    run(tmp_path / "a", 2, "train.steps=3", "checkpoint.every_steps=0")
+    result = run(
+        tmp_path / "b",
+        1,
+        "train.steps=0",
+        "optim.warmup_steps=0",
+        f"checkpoint.load_from={tmp_path / 'a'}",
+        check=False,
+    )
+    assert "train.steps must be >= 1" in result.stderr  # config errors come first
+    run(
+        tmp_path / "b",
+        1,
+        "train.steps=1",
+        "optim.lr=1e-12",
+        "optim.warmup_steps=0",
+        f"checkpoint.load_from={tmp_path / 'a'}",
+    )
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")  # 2 ranks -> 1: resharded
+    assert all(
+        torch.allclose(a[k], b[k], atol=1e-6) for k in a if "running" not in k and "num_batches" not in k
+    )
+    assert not (tmp_path / "b" / "checkpoints" / "step-00000003").exists()  # a fresh run, step 0
