@@ -327,17 +327,39 @@ class Checkpointer:
 
     # -- loading -----------------------------------------------------------------------------------
 
+    def _restart_epoch(self, path: Path, meta: dict, world: int, state: TrainState) -> None:
+        """Another world size: data positions and RNG streams do not map across rank counts, so the
+        interrupted epoch starts again from its beginning, and RNG streams are reseeded per rank."""
+        saved = json.loads((path / "rank-00000.json").read_text())["loader"]
+        epoch, done = int(saved["epoch"]), int(saved["batch"])
+        state.loader.load_state_dict({**state.loader.state_dict(), "epoch": epoch, "batch": 0})
+        seed = int(meta["step"]) * 1000 + self.rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        for g in state.generators.values():
+            g.manual_seed(seed)
+        if self.rank == 0:
+            log.warning(
+                "%s was written by %d ranks and this job has %d: model and optimizer are resharded exactly, "
+                "but the data position cannot be carried over. Epoch %d restarts from its first batch: the "
+                "%d samples it had already used (%d batches x %d ranks) are seen again, and the per-rank "
+                "random streams are reseeded.",
+                path,
+                meta["world_size"],
+                world,
+                epoch,
+                done * meta["world_size"] * getattr(state.loader, "batch_size", 0),
+                done,
+                meta["world_size"],
+            )
+
     def load(self, path: Path, state: TrainState) -> int:
         """Restore everything from a complete checkpoint; returns the step to continue from."""
         meta = json.loads((path / "meta.json").read_text())
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if meta["world_size"] != world:
-            raise CheckpointError(
-                f"{path} was written by {meta['world_size']} ranks and this job has {world}: "
-                "resuming at another world size is not supported yet; run with the same number of ranks"
-            )
         tensors = state.tensors()
-        load_tensors(path, tensors, self.group)
+        load_tensors(path, tensors, self.group)  # DCP reshards model and optimizer to this world size
         set_state_dict(
             state.model, state.optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"]
         )
@@ -349,9 +371,12 @@ class Checkpointer:
                 model_state_dict=tensors["probe"]["model"],
                 optim_state_dict=tensors["probe"]["optim"],
             )
-        per_rank = json.loads((path / f"rank-{self.rank:05d}.json").read_text())
-        state.loader.load_state_dict(per_rank["loader"])
-        set_rng_state(per_rank["rng"], state.generators)
+        if meta["world_size"] == world:
+            per_rank = json.loads((path / f"rank-{self.rank:05d}.json").read_text())
+            state.loader.load_state_dict(per_rank["loader"])
+            set_rng_state(per_rank["rng"], state.generators)
+        else:
+            self._restart_epoch(path, meta, world, state)
         if state.run_meta is not None:
             state.run_meta.update({k: v for k, v in meta.items() if k not in ("step", "world_size")})
         log.info("resumed from %s (step %d)", path, meta["step"])

@@ -248,3 +248,16 @@ def test_load_from_starts_a_new_run_from_another_runs_weights(tmp_path):
         torch.allclose(a[k], b[k], atol=1e-6) for k in a if "running" not in k and "num_batches" not in k
     )
     assert not (tmp_path / "b" / "checkpoints" / "step-00000003").exists()  # a fresh run, step 0
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_at_another_world_size_reshards_and_continues(tmp_path, before, after):
+    run(tmp_path, before, "train.steps=3", "checkpoint.every_steps=0")
+    saved = weights(tmp_path)
+    result = run(tmp_path, after, "train.steps=3", "checkpoint.every_steps=0")  # load only, no step left
+    assert "resharded exactly" in result.stderr and "restarts from its first batch" in result.stderr
+    reloaded = weights(tmp_path)
+    assert all(torch.equal(saved[k], reloaded[k]) for k in saved)  # parameters equal the saved ones
+    run(tmp_path, after, "train.steps=5", "checkpoint.every_steps=0")  # and training continues
+    assert [s for s, _ in losses(tmp_path)] == [0, 1, 2, 3, 4]
+    assert (tmp_path / "checkpoints" / "step-00000005").exists()
