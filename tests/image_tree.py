@@ -75,3 +75,14 @@ def add_bad_files(class_dir: Path, elsewhere: Path) -> None:
     elsewhere.mkdir(parents=True, exist_ok=True)
     (elsewhere / "outside.JPEG").write_bytes(data)
     os.symlink(elsewhere / "outside.JPEG", class_dir / "linked.JPEG")
+
+
+def convert_plain_and_zstd(root: Path) -> tuple[Path, Path]:
+    """A small tree converted twice, to root/plain (.tar) and root/zstd (.tar.zst)."""
+    from data_pipeline import convert
+
+    make_class_tree(root / "src", classes=2, per_class=6)
+    for name, extra in (("plain", []), ("zstd", ["--zstd"])):
+        args = ["folder", "--src", str(root / "src"), "--out", str(root / name), "--workers", "1"]
+        assert convert.main([*args, "--shard-size", "5", *extra]) == 0
+    return root / "plain", root / "zstd"

@@ -14,7 +14,7 @@ from PIL import Image
 
 from data_pipeline import convert
 from data_pipeline.shards import iter_samples
-from tests.image_tree import BAD_FILES, add_bad_files, make_class_tree, photo_crops
+from tests.image_tree import BAD_FILES, add_bad_files, convert_plain_and_zstd, make_class_tree, photo_crops
 
 
 @pytest.fixture(scope="module")
@@ -143,34 +143,19 @@ def test_killed_conversion_reruns_to_identical_shards(tmp_path):
 
 
 def test_zstd_round_trip(tmp_path):
-    make_class_tree(tmp_path / "src", classes=2, per_class=6)
-    for name, extra in (("plain", []), ("zstd", ["--zstd"])):
-        convert.main(
-            [
-                "folder",
-                "--src",
-                str(tmp_path / "src"),
-                "--out",
-                str(tmp_path / name),
-                "--workers",
-                "1",
-                "--shard-size",
-                "5",
-                *extra,
-            ]
-        )
-    manifest = json.loads((tmp_path / "zstd" / "manifest.json").read_text())
+    plain_dir, zstd_dir = convert_plain_and_zstd(tmp_path)
+    manifest = json.loads((zstd_dir / "manifest.json").read_text())
     assert manifest["compression"] == "zstd" and all(
         s["name"].endswith(".tar.zst") for s in manifest["shards"]
     )
     for plain, packed in zip(
-        sorted((tmp_path / "plain").glob("*.tar")), sorted((tmp_path / "zstd").glob("*.tar.zst")), strict=True
+        sorted(plain_dir.glob("*.tar")), sorted(zstd_dir.glob("*.tar.zst")), strict=True
     ):
         a, b = list(iter_samples(plain)), list(iter_samples(packed))
         assert [(s["__key__"], s["jpg"], s["cls"]) for s in a] == [
             (s["__key__"], s["jpg"], s["cls"]) for s in b
         ]
-    assert convert.verify(tmp_path / "zstd") == []
+    assert convert.verify(zstd_dir) == []
 
 
 def test_slurm_array_tasks_split_the_shards(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from data_pipeline import convert
 from data_pipeline.shards import Shard, resolve_shards
 from data_pipeline.stream import ShardViews, plan_epoch
 from data_pipeline.views import CropSpec
-from tests.image_tree import jpeg_bytes, make_class_tree, photo_crops
+from tests.image_tree import convert_plain_and_zstd, jpeg_bytes, make_class_tree, photo_crops
 
 SPECS = [CropSpec(2, 24, (0.3, 1.0)), CropSpec(2, 12, (0.05, 0.3))]
 
@@ -134,23 +134,8 @@ def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(tmp_path):
 
 
 def test_zstd_shards_stream_like_plain_ones(tmp_path):
-    make_class_tree(tmp_path / "src", classes=2, per_class=6)
-    for name, extra in (("plain", []), ("zstd", ["--zstd"])):
-        convert.main(
-            [
-                "folder",
-                "--src",
-                str(tmp_path / "src"),
-                "--out",
-                str(tmp_path / name),
-                "--workers",
-                "1",
-                "--shard-size",
-                "5",
-                *extra,
-            ]
-        )
-    a, b = (epoch_keys(resolve_shards(str(tmp_path / n)), 0, 1, 0)[1] for n in ("plain", "zstd"))
+    plain_dir, zstd_dir = convert_plain_and_zstd(tmp_path)
+    a, b = (epoch_keys(resolve_shards(str(d)), 0, 1, 0)[1] for d in (plain_dir, zstd_dir))
     assert [x.keys for x in a] == [x.keys for x in b]
     assert all(torch.equal(x.views[0], y.views[0]) for x, y in zip(a, b, strict=True))
 
