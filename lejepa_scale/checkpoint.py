@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -122,6 +124,27 @@ def load_tensors(path: Path, template: dict, group=None) -> None:
         raise CheckpointError(f"{path}: cannot load: {str(e).splitlines()[-1]}") from e
 
 
+class BackgroundStager(AsyncStager):
+    """DCP's own copy of the state to fresh CPU memory, run in a background thread, so the loop
+    only waits for it right before it next mutates parameters or optimizer state (optimizer.step)."""
+
+    _synchronize_after_execute = False
+
+    def __init__(self):
+        self._copy = DefaultStager(StagingOptions(False, False, False, False))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-staging")
+
+    def stage(self, state_dict):
+        return self._pool.submit(self._copy.stage, state_dict)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._copy.close()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Per-rank state that is not a tensor in the model/optimizer: JSON, never pickle
 # ---------------------------------------------------------------------------------------------------
@@ -181,13 +204,35 @@ class TrainState:
     probe: torch.nn.Module | None = None
     run_meta: dict | None = None  # wandb run id, resolved config, ...
 
-    def tensors(self) -> dict[str, Any]:
+    def tensors(self, *, snapshot: bool = False) -> dict[str, Any]:
+        """The state as DCP takes it, by reference. With `snapshot`, the parts that change before the
+        next optimizer step (BatchNorm buffers in the next forward, the online probe) are copied now,
+        so a background copy of the rest stays consistent."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        if snapshot:
+            buffers = {name for name, _ in self.model.named_buffers()}
+            buffers |= {
+                n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "") for n in buffers
+            }
+            model_sd = {k: v.clone() if k in buffers else v for k, v in model_sd.items()}
         out = {"model": model_sd, "optim": optim_sd, "schedule": self.scheduler.state_dict()}
         if self.probe is not None:
             probe_sd, probe_optim_sd = get_state_dict(self.probe.head, self.probe.optimizer)
+            if snapshot:
+                probe_sd = {k: v.clone() for k, v in probe_sd.items()}
+                probe_optim_sd = _clone_tensors(probe_optim_sd)
             out["probe"] = {"model": probe_sd, "optim": probe_optim_sd}
         return out
+
+
+def _clone_tensors(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _clone_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_clone_tensors(v) for v in tree]
+    return tree
 
 
 def _rank() -> int:
@@ -239,6 +284,8 @@ class Checkpointer:
         # DCP's background writes run their own collectives: keep them off the training group
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.in_flight: tuple[int, Any] | None = None
+        self.staging: Any = None  # future of the background copy of the in-flight save
+        self.stager = BackgroundStager() if async_save else None
         self.last_save_time = time.monotonic()
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -290,14 +337,26 @@ class Checkpointer:
             (tmp / "meta.json").write_text(
                 json.dumps({"step": step, "world_size": world, **(state.run_meta or {})})
             )
-        tensors = state.tensors()
         if blocking or not self.async_save:
-            dcp.save(tensors, checkpoint_id=tmp, process_group=self.group)
+            dcp.save(state.tensors(), checkpoint_id=tmp, process_group=self.group)
             self.in_flight = (step, None)
             self.finish()
         else:
-            self.in_flight = (step, dcp.async_save(tensors, checkpoint_id=tmp, process_group=self.group))
+            response = dcp.async_save(
+                state.tensors(snapshot=True),
+                checkpoint_id=tmp,
+                process_group=self.group,
+                async_stager=self.stager,
+            )
+            self.staging = response.staging_completion
+            self.in_flight = (step, response.upload_completion)
         self.last_save_time = time.monotonic()
+
+    def wait_for_staging(self) -> None:
+        """Block until the in-flight save has copied the state: call before optimizer.step."""
+        if self.staging is not None:
+            self.staging.result()
+            self.staging = None
 
     def poll(self) -> None:
         """Finalise the in-flight save if every rank has finished writing it (cheap; call each step)."""
@@ -311,6 +370,7 @@ class Checkpointer:
         step, future = self.in_flight
         if future is not None:
             future.result()
+        self.staging = None
         _barrier()
         if self.rank == 0:
             (self.folder / f"step-{step:08d}.tmp").rename(self.folder / f"step-{step:08d}")

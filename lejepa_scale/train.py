@@ -171,10 +171,12 @@ def train_step(
     views: list[torch.Tensor],
     step: int,
     autocast: torch.autocast,
+    before_update=None,
 ) -> tuple[LossParts, ModelOutput, float, bool]:
     """Forward every crop size, the LeJEPA loss (SIGReg over the global batch), backward, AdamW.
     A non-finite loss on any rank skips the update on every rank. Returns the loss parts, the model
-    output, the learning rate this step used and whether the update was applied."""
+    output, the learning rate this step used and whether the update was applied. `before_update`
+    runs right before parameters change (the checkpointer waits there for its background copy)."""
     with autocast:
         out = model(views[0], views[1] if len(views) > 1 else None)
     parts = loss_fn(out.z_global, out.z_local, step)
@@ -185,6 +187,8 @@ def train_step(
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     applied = bool(finite.item())
+    if before_update is not None:
+        before_update()
     if applied:
         optimizer.step()
     scheduler.step()
@@ -273,7 +277,9 @@ def train(cfg: Config) -> LeJEPAModel:
         batch = next(batches)
         t_data = time.perf_counter()
         views = [photometric(v.to(env.device, non_blocking=True), augment_gen) for v in batch.views]
-        parts, out, lr, applied = train_step(model, loss_fn, optimizer, scheduler, views, step, autocast)
+        parts, out, lr, applied = train_step(
+            model, loss_fn, optimizer, scheduler, views, step, autocast, checkpointer.wait_for_staging
+        )
         bad_steps = 0 if applied else bad_steps + 1
         skipped += 0 if applied else 1
         if bad_steps >= cfg.train.max_nonfinite_steps:  # agreed by every rank (train_step all-reduces)
