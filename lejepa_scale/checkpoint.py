@@ -310,10 +310,13 @@ class Checkpointer:
     # -- saving ------------------------------------------------------------------------------------
 
     def due(self, step: int) -> bool:
-        """Whether to save after `step` (the decision is agreed by all ranks)."""
-        by_steps = self.every_steps > 0 and step % self.every_steps == 0
-        by_time = self.every_minutes > 0 and time.monotonic() - self.last_save_time >= 60 * self.every_minutes
-        return not _all_true(not (by_steps or by_time))
+        """Whether to save after `step`. The step rule is the same on every rank; clocks are not, so
+        the time rule is agreed by all ranks (one tiny all-reduce, only when it is enabled)."""
+        if self.every_steps > 0 and step % self.every_steps == 0:
+            return True
+        if self.every_minutes <= 0:
+            return False
+        return not _all_true(time.monotonic() - self.last_save_time < 60 * self.every_minutes)
 
     def save(self, step: int, state: TrainState, *, blocking: bool = False) -> None:
         self.finish()  # at most one save in flight
