@@ -100,11 +100,16 @@ def kornia_stage_ms(views: list[torch.Tensor]) -> float:
         if views[0].is_cuda:
             torch.cuda.synchronize()
 
-    run()
+    return median_ms(run)
+
+
+def median_ms(fn, repeats: int = 3) -> float:
+    """Median wall time of `fn` in ms, after one warm-up call."""
+    fn()
     times = []
-    for _ in range(3):
+    for _ in range(repeats):
         start = time.perf_counter()
-        run()
+        fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -158,14 +163,8 @@ def main() -> None:
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        stage()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            stage()
-            times.append(time.perf_counter() - start)
+        ms = median_ms(stage)
         name = torch.cuda.get_device_name() if device == "cuda" else "CPU, 1 thread"
-        ms = statistics.median(times) * 1e3
         print(
             f"| (c) batched photometric stage, batch {b} (128x224² + 384x96² views), {name} | "
             f"{ms:.0f} ms/batch | {ms / b:.2f} ms/sample |"
