@@ -36,24 +36,41 @@ def _count_by_reading(path: str) -> int:
     return sum(1 for _ in iter_samples(path))
 
 
+def _manifest(spec: str | list[str]) -> Path | None:
+    if not isinstance(spec, str):
+        return None
+    candidate = Path(spec)
+    manifest = candidate / "manifest.json" if candidate.is_dir() else candidate
+    return manifest if manifest.name.endswith(".json") and manifest.exists() else None
+
+
+def shard_paths(spec: str | list[str]) -> list[str]:
+    """The shard files `spec` names (manifest.json or its folder, brace pattern, or list), checked to
+    exist; cheap enough to run before a job is submitted."""
+    manifest = _manifest(spec)
+    if manifest is not None:
+        names = [s["name"] for s in json.loads(manifest.read_text())["shards"]]
+        paths = [str(manifest.parent / name) for name in names]
+    else:
+        paths = list(braceexpand.braceexpand(spec)) if isinstance(spec, str) else list(spec)
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) do not exist, e.g. {missing[0]} (from {spec!r})")
+    if not paths:
+        raise ValueError(f"no shards in {spec!r}")
+    return paths
+
+
 def resolve_shards(spec: str | list[str]) -> list[Shard]:
     """Shards with their sample counts from a manifest.json (or its folder), a brace pattern
     (`train-{000000..000099}.tar`), or a list of paths. Counts come from the manifest, else from the
     converter's per-shard sidecar JSON, else by reading the shard once (logged)."""
-    if isinstance(spec, str):
-        candidate = Path(spec)
-        manifest = candidate / "manifest.json" if candidate.is_dir() else candidate
-        if manifest.name.endswith(".json") and manifest.exists():
-            data = json.loads(manifest.read_text())
-            return [Shard(str(manifest.parent / s["name"]), int(s["count"])) for s in data["shards"]]
-        paths = list(braceexpand.braceexpand(spec))
-    else:
-        paths = list(spec)
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) do not exist, e.g. {missing[0]} (from {spec!r})")
+    manifest = _manifest(spec)
+    if manifest is not None:
+        data = json.loads(manifest.read_text())
+        return [Shard(str(manifest.parent / s["name"]), int(s["count"])) for s in data["shards"]]
     shards = []
-    for p in paths:
+    for p in shard_paths(spec):
         sidecar = Path(p.removesuffix(".zst").removesuffix(".tar") + ".json")
         if sidecar.exists():
             count = int(json.loads(sidecar.read_text())["count"])
@@ -61,8 +78,6 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
             log.info("no manifest or sidecar for %s: counting its samples", p)
             count = _count_by_reading(p)
         shards.append(Shard(p, count))
-    if not shards:
-        raise ValueError(f"no shards in {spec!r}")
     return shards
 
 

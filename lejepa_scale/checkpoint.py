@@ -51,7 +51,12 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 class Preempted(Exception):
-    """Raised after the preemption checkpoint is complete; the entry point exits EXIT_PREEMPTED."""
+    """Raised after the preemption checkpoint is complete; the entry point exits EXIT_PREEMPTED, and
+    the SLURM launcher requeues when `signum` is its preemption signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 class CheckpointError(RuntimeError):
@@ -260,6 +265,19 @@ def _all_true(flag: bool) -> bool:
     return int(t.item()) == 0
 
 
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete step directories under `folder` (`<run>/checkpoints`), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(STEP_DIR.match(Path(path).name).group(1))
+
+
 class Checkpointer:
     """Saves every `every_steps` steps and every `every_minutes` minutes (asynchronously when
     `async_save`, at most one save in flight), finalises a save atomically once every rank has
@@ -298,10 +316,7 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.folder.is_dir():
-            return []
-        found = [p for p in self.folder.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-        return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+        return complete_checkpoints(self.folder)
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -384,7 +399,7 @@ class Checkpointer:
     def _retain(self) -> None:
         done = self.complete()
         for path in done[: -self.keep_last]:
-            step = int(STEP_DIR.match(path.name).group(1))
+            step = checkpoint_step(path)
             if not (self.keep_every and step % self.keep_every == 0):
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -452,7 +467,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if STEP_DIR.match(path.name) and (path / "meta.json").exists():
         return path
     for folder in (path / "checkpoints", path):
-        done = sorted((p for p in folder.glob("step-*") if STEP_DIR.match(p.name)), key=lambda p: p.name)
+        done = complete_checkpoints(folder)
         if done:
             return done[-1]
     raise CheckpointError(f"no complete checkpoint under {path} (looked for checkpoints/step-NNNNNNNN/)")

@@ -318,7 +318,8 @@ def train(cfg: Config) -> LeJEPAModel:
             checkpointer.save(step + 1, state, blocking=True)
             logger.close()
             raise Preempted(
-                f"signal {preemption.received} at step {step}: checkpoint saved, exiting to be requeued"
+                f"signal {preemption.received} at step {step}: checkpoint saved, exiting to be requeued",
+                preemption.received,
             )
         if step + 1 < cfg.train.steps and checkpointer.due(step + 1):
             checkpointer.save(step + 1, state)

@@ -1,0 +1,355 @@
+"""`python -m lejepa_scale.launch --config FILE --nodes 16 [key=value ...]`: train on SLURM with submitit.
+
+The config is resolved and checked here, before anything is queued. Every SLURM task (one per GPU)
+joins the process group from SLURM's environment and runs `train`. Preemption and the time limit
+(SLURM sends USR2 `--signal-delay` seconds ahead) save a checkpoint through the trainer's signal path
+and requeue the job; an external `scontrol requeue` or a node failure restarts it from the newest
+complete checkpoint; a crash is requeued up to `--max-retries` times. What happened is appended to
+`<run.dir>/launch.jsonl`, which `python -m lejepa_scale.launch status RUN_DIR` summarises.
+
+`--local N` runs the same config with N processes on this machine (torchrun), for development.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import submitit
+import timm
+import torch
+import torch.distributed as dist
+
+from data_pipeline.shards import shard_paths
+from lejepa_scale.checkpoint import (
+    EXIT_PREEMPTED,
+    Preempted,
+    checkpoint_step,
+    complete_checkpoints,
+    resolve_checkpoint,
+)
+from lejepa_scale.config import Config, ConfigError, from_yaml, load_config, to_yaml
+
+log = logging.getLogger("lejepa_scale.launch")
+
+EVENTS = "launch.jsonl"
+
+
+# -- what happened to a run, in its run dir ----------------------------------------------------------
+
+
+def record(run_dir: Path, event: str, **fields) -> None:
+    """Append one event to `<run_dir>/launch.jsonl` (single small appends: safe from several ranks)."""
+    line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n"
+    with open(Path(run_dir) / EVENTS, "a") as f:
+        f.write(line)
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / EVENTS
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def newest_step(run_dir: Path) -> int:
+    """The step the trainer will resume from (0 for a fresh run)."""
+    done = complete_checkpoints(Path(run_dir) / "checkpoints")
+    return checkpoint_step(done[-1]) if done else 0
+
+
+# -- the job every task runs -------------------------------------------------------------------------
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """One SLURM task: join the process group, train, and leave the job in a state SLURM can resume.
+
+    submitit pickles this object and calls it in every task. On the preemption signal (USR2) the
+    trainer saves at the next step boundary; then submitit's own handler (kept from before the
+    trainer took the signal over) re-pickles the job through `checkpoint()` and requeues it. Nothing
+    needs to travel in the pickle: the resumed job reads the newest complete checkpoint."""
+
+    def __init__(self, config_yaml: str, max_retries: int):
+        self.config_yaml = config_yaml
+        self.max_retries = max_retries
+
+    def __call__(self) -> str:
+        from lejepa_scale.train import train  # the heavy imports happen in the job, not at submission
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        cfg = from_yaml(self.config_yaml)
+        run_dir = Path(cfg.run.dir)
+        job_id = submitit.JobEnvironment().job_id
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        if env.rank == 0:
+            record(run_dir, "start", job_id=job_id, restart=restart, world_size=env.world_size,
+                   resume_step=newest_step(run_dir))  # fmt: skip
+        requeue = signal.getsignal(submitit.JobEnvironment._usr_sig())  # submitit's checkpoint + requeue
+        try:
+            train(cfg)
+        except Preempted as stop:
+            if env.rank == 0:
+                record(run_dir, "stopped", job_id=job_id, signal=signal.Signals(stop.signum).name,
+                       step=newest_step(run_dir))  # fmt: skip
+            if stop.signum == submitit.JobEnvironment._usr_sig() and callable(requeue):
+                requeue(stop.signum, None)  # rank 0 requeues and exits; the others return here
+            sys.exit(EXIT_PREEMPTED)  # SIGTERM: scancel or an external requeue; SLURM decides what's next
+        except Exception as error:
+            self._retry_or_raise(error, run_dir, job_id, restart)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        if env.rank == 0:
+            record(run_dir, "finished", job_id=job_id, step=cfg.train.steps)
+        return str(run_dir)
+
+    def _retry_or_raise(self, error: Exception, run_dir: Path, job_id: str, restart: int) -> None:
+        """Requeue after a crash, at most `max_retries` times per job. The first rank to fail in an
+        attempt claims it (an exclusively created file), so the attempt is counted and requeued once;
+        the others exit quietly."""
+        failures = run_dir / "launch" / "failures"
+        failures.mkdir(parents=True, exist_ok=True)
+        reason = "".join(traceback.format_exception_only(error)).strip()
+        try:
+            with open(failures / f"{job_id}-{restart}.txt", "x") as f:
+                f.write(traceback.format_exc())
+        except FileExistsError:
+            sys.exit(1)  # another rank already handles this attempt
+        used = len(list(failures.glob(f"{job_id}-*.txt")))
+        if used > self.max_retries:
+            record(run_dir, "failed", job_id=job_id, reason=reason, retries=used - 1, requeued=False)
+            log.error("giving up after %d retries: %s", used - 1, reason)
+            raise error
+        record(run_dir, "failed", job_id=job_id, reason=reason, retries=used, requeued=True)
+        log.error("retry %d/%d after: %s", used, self.max_retries, reason)
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+        sys.exit(1)
+
+
+# -- submission --------------------------------------------------------------------------------------
+
+
+def parse_time(text: str) -> int:
+    """SLURM's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in minutes."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise ConfigError(f"--time {text!r}: use a SLURM time such as 72:00:00 or 3-00:00:00")
+    days, a, b, c = (int(x) if x else None for x in match.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        minutes = days * 1440 + a * 60 + (b or 0) + (c or 0) / 60
+    elif c is not None:  # HH:MM:SS
+        minutes = a * 60 + b + c / 60
+    else:  # MM[:SS]
+        minutes = a + (b or 0) / 60
+    return max(1, round(minutes))
+
+
+def check_launchable(cfg: Config, world_size: int, gpus_per_node: int) -> None:
+    """What load_config cannot know: the world size, the files the job will read, the model name."""
+    if world_size % cfg.parallel.dp_replicate:
+        raise ConfigError(
+            f"parallel.dp_replicate={cfg.parallel.dp_replicate} must divide the world size {world_size} "
+            "(nodes x tasks per node); set it to the number of nodes for HSDP"
+        )
+    if not timm.is_model(cfg.model.name):
+        raise ConfigError(f"model.name {cfg.model.name!r} is not a timm model (see timm.list_models())")
+    if gpus_per_node == 0 and cfg.train.device == "cuda":
+        raise ConfigError("train.device=cuda but the job requests no GPUs (--gpus-per-node 0)")
+    if cfg.data.source == "shards":
+        try:
+            shard_paths(cfg.data.train)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.train: {e}") from e
+    elif cfg.data.root is not None and not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"data.root {cfg.data.root} is not a directory")
+    if cfg.checkpoint.load_from:
+        try:
+            resolve_checkpoint(cfg.checkpoint.load_from)
+        except Exception as e:
+            raise ConfigError(f"checkpoint.load_from: {e}") from e
+
+
+def slurm_executor(args: argparse.Namespace, cfg: Config, folder: Path) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_timeouts)
+    extra = {"requeue": True, "open-mode": "append"}
+    executor.update_parameters(
+        name=cfg.run.name,
+        nodes=args.nodes,
+        tasks_per_node=args.tasks_per_node,
+        gpus_per_node=args.gpus_per_node or None,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb,
+        timeout_min=parse_time(args.time),
+        slurm_signal_delay_s=args.signal_delay,
+        slurm_partition=args.partition,
+        slurm_account=args.account,
+        slurm_qos=args.qos,
+        slurm_constraint=args.constraint,
+        slurm_exclude=args.exclude,
+        slurm_additional_parameters=extra,
+    )
+    return executor
+
+
+def sbatch_script(args: argparse.Namespace, cfg: Config, folder: Path) -> str:
+    """The sbatch file submitit would write, without touching the run dir."""
+    with tempfile.TemporaryDirectory() as scratch:
+        inner = slurm_executor(args, cfg, Path(scratch))._executor
+        text = inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
+    return text.replace(scratch, str(folder))
+
+
+def run_local(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
+    """`--local N`: the same resolved config under torchrun on this machine, in the foreground."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(to_yaml(cfg))
+    command = [sys.executable, "-m", "lejepa_scale.train", "--config", str(config_path)]
+    if args.local > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.local)]
+        command = [sys.executable, *launcher, *command[1:]]
+    print(f"run dir: {run_dir}\nrunning: {' '.join(command)}", flush=True)
+    return subprocess.call(command)
+
+
+def submit(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    cfg.run.dir = str(Path(cfg.run.dir).resolve())  # the job may start in another directory
+    run_dir = Path(cfg.run.dir)
+    if args.local:
+        check_launchable(cfg, args.local, gpus_per_node=torch.cuda.device_count())
+        return run_local(args, cfg, run_dir)
+    if args.tasks_per_node is None:
+        args.tasks_per_node = args.gpus_per_node or 1
+    check_launchable(cfg, args.nodes * args.tasks_per_node, args.gpus_per_node)
+    folder = run_dir / "slurm"
+    if args.dry_run:
+        print(sbatch_script(args, cfg, folder), end="")
+        return 0
+    if shutil.which("sbatch") is None:
+        raise SystemExit("sbatch not found: run this on a SLURM login node, or use --local N / --dry-run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = slurm_executor(args, cfg, folder).submit(TrainJob(to_yaml(cfg), args.max_retries))
+    record(run_dir, "submitted", job_id=job.job_id, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
+           gpus_per_node=args.gpus_per_node, max_retries=args.max_retries)  # fmt: skip
+    print(
+        f"submitted job {job.job_id}\n"
+        f"  run dir: {run_dir}\n"
+        f"  logs:    {job.paths.stdout} (and .err; one pair per task)\n"
+        f"  status:  python -m lejepa_scale.launch status {run_dir}",
+        flush=True,
+    )
+    return 0
+
+
+# -- status ------------------------------------------------------------------------------------------
+
+
+def job_state(job_id: str) -> str:
+    """SLURM's state of a job: scontrol while it is known to the controller, else sacct."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    match = re.search(r"\bJobState=(\S+)", out.stdout)
+    if match:
+        return match.group(1)
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True
+    )
+    states = [s for s in out.stdout.split() if s and s != "State"]
+    return states[-1] if out.returncode == 0 and states else "UNKNOWN (no longer known to SLURM)"
+
+
+def run_status(run_dir: Path) -> dict:
+    events = read_events(run_dir)
+    submitted = [e for e in events if e["event"] == "submitted"]
+    job_id = submitted[-1]["job_id"] if submitted else None
+    done = complete_checkpoints(run_dir / "checkpoints")
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    last = json.loads(lines[-1]) if lines else None
+    ours = [e for e in events if e.get("job_id") == job_id]
+    return {
+        "run_dir": str(run_dir),
+        "job_id": job_id,
+        "state": job_state(job_id) if job_id and shutil.which("scontrol") else None,
+        "starts": sum(e["event"] == "start" for e in ours),
+        "failures": [e["reason"] for e in ours if e["event"] == "failed"],
+        "checkpoint": {"path": str(done[-1]), "step": checkpoint_step(done[-1])} if done else None,
+        "last_logged": {k: last[k] for k in ("step", "loss") if k in last} if last else None,
+    }
+
+
+def print_status(status: dict) -> None:
+    ckpt, last = status["checkpoint"], status["last_logged"]
+    rows = [
+        ("run dir", status["run_dir"]),
+        ("job", f"{status['job_id']} {status['state'] or ''}" if status["job_id"] else "never submitted"),
+        ("starts", f"{status['starts']} (1 + requeues)"),
+        ("failures", "; ".join(status["failures"]) or "none"),
+        ("checkpoint", f"step {ckpt['step']} ({ckpt['path']})" if ckpt else "none complete"),
+        (
+            "last logged",
+            f"step {last['step']}, loss {last.get('loss', float('nan')):.4f}" if last else "nothing",
+        ),
+    ]
+    for name, value in rows:
+        print(f"{name:>12}: {value}")
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lejepa_scale.launch",
+        description="Submit LeJEPA training to SLURM (or run it locally); `status RUN_DIR` reports on a run.",
+    )
+    p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU-only jobs")
+    p.add_argument("--tasks-per-node", type=int, help="default: one per GPU (1 without GPUs)")
+    p.add_argument("--cpus-per-task", type=int, default=10, help="data workers + 1 main process")
+    p.add_argument("--mem-gb", type=int, help="per node; 0: all of the node's memory; default: the cluster's")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--time", default="72:00:00", help="SLURM time limit; the job requeues itself there")
+    p.add_argument("--constraint")
+    p.add_argument("--exclude", help="nodes to avoid, e.g. node[001-004]")
+    p.add_argument("--signal-delay", type=int, default=180, help="USR2 this many seconds before the limit")
+    p.add_argument("--max-retries", type=int, default=3, help="automatic requeues after a crash")
+    p.add_argument("--max-timeouts", type=int, default=1000, help="requeues at the time limit")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
+    p.add_argument("--local", type=int, default=0, metavar="N", help="run here with N processes")
+    p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        status_parser = argparse.ArgumentParser(prog="python -m lejepa_scale.launch status")
+        status_parser.add_argument("run_dir", type=Path)
+        status_parser.add_argument("--json", action="store_true")
+        args = status_parser.parse_args(argv[1:])
+        status = run_status(args.run_dir.resolve())
+        print(json.dumps(status, indent=2)) if args.json else print_status(status)
+        return
+    args = parser().parse_args(argv)
+    try:
+        sys.exit(submit(args))
+    except ConfigError as e:
+        sys.exit(f"config error, nothing submitted: {e}")
+
+
+if __name__ == "__main__":
+    main()
