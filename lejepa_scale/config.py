@@ -120,6 +120,17 @@ class ParallelConfig:
 
 
 @dataclass
+class LogConfig:
+    wandb: str = (
+        "auto"  # auto (WANDB_MODE, else online with an API key, else offline) | online | offline | disabled
+    )
+    project: str = "lejepa"
+    entity: str | None = None
+    health_every: int = 100  # steps between embedding-health checks (SIGReg per view, rank, std)
+    alpha: float = 0.4  # scaled_loss = loss / lam**alpha, the paper's label-free model-selection signal
+
+
+@dataclass
 class EvalConfig:
     probe_train_size: int = 10000  # labelled images the frozen-feature probe trains on (0: all)
     probe_test_size: int = 0  # 0: the whole test split
@@ -139,6 +150,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -176,6 +188,12 @@ def _validate(cfg: Config) -> None:
         (cfg.views.n_local >= 0, "views.n_local", "must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
         (cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+        (
+            cfg.log.wandb in ("auto", "online", "offline", "disabled"),
+            "log.wandb",
+            "must be auto, online, offline or disabled",
+        ),
+        (cfg.log.health_every >= 1, "log.health_every", "must be >= 1"),
     ]
     for ok, key, what in checks:
         if not ok:

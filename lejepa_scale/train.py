@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from timm.optim import param_groups_weight_decay
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from data_pipeline.builtin import load_builtin
 from data_pipeline.in_memory import InMemoryViews
@@ -38,7 +40,8 @@ from lejepa_scale.checkpoint import (
     resolve_checkpoint,
 )
 from lejepa_scale.config import Config, load_config, to_yaml
-from lejepa_scale.metrics import MetricsLogger
+from lejepa_scale.health import collapse_alarm, embedding_health
+from lejepa_scale.metrics import MetricsLogger, peak_tflops, scaled_loss, step_flops, throughput
 from lejepa_scale.model import LeJEPAModel, ModelOutput
 from lejepa_scale.objective import LeJEPALoss, LossParts
 from lejepa_scale.parallel import DistEnv, build_mesh, init_distributed, parallelize
@@ -172,16 +175,18 @@ def train_step(
     step: int,
     autocast: torch.autocast,
     before_update=None,
-) -> tuple[LossParts, ModelOutput, float, bool]:
+) -> tuple[LossParts, ModelOutput, float, float, bool]:
     """Forward every crop size, the LeJEPA loss (SIGReg over the global batch), backward, AdamW.
     A non-finite loss on any rank skips the update on every rank. Returns the loss parts, the model
-    output, the learning rate this step used and whether the update was applied. `before_update`
-    runs right before parameters change (the checkpointer waits there for its background copy)."""
+    output, the learning rate this step used, the gradient norm and whether the update was applied.
+    `before_update` runs right before parameters change (the checkpointer waits there for its
+    background copy)."""
     with autocast:
         out = model(views[0], views[1] if len(views) > 1 else None)
     parts = loss_fn(out.z_global, out.z_local, step)
     optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
+    norm = grad_norm(model)
     lr = optimizer.param_groups[0]["lr"]
     finite = torch.isfinite(parts.total.detach()).float()
     if dist.is_initialized():
@@ -192,7 +197,13 @@ def train_step(
     if applied:
         optimizer.step()
     scheduler.step()
-    return parts, out, lr, applied
+    return parts, out, lr, norm, applied
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    """The L2 norm of the whole (unsharded) gradient; the same value on every rank."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -251,9 +262,8 @@ def train(cfg: Config) -> LeJEPAModel:
         keep_every=cfg.checkpoint.keep_every,
         async_save=cfg.checkpoint.async_save,
     )
-    state = TrainState(
-        model, optimizer, scheduler, loader, {"augment": augment_gen}, probe, {"config": to_yaml(cfg)}
-    )
+    run_meta = {"config": to_yaml(cfg)}  # the checkpoint's meta.json also gets the wandb run id
+    state = TrainState(model, optimizer, scheduler, loader, {"augment": augment_gen}, probe, run_meta)
     latest = checkpointer.latest()
     start_step = checkpointer.load(latest, state) if latest is not None else 0
     if latest is None and cfg.checkpoint.load_from:  # a new run that starts from another run's weights
@@ -267,8 +277,22 @@ def train(cfg: Config) -> LeJEPAModel:
         )
     preemption = PreemptionFlag()
 
-    logger = MetricsLogger(run_dir, cfg.train.steps, start_step=start_step, enabled=env.is_main)
+    logger = MetricsLogger(
+        run_dir,
+        cfg.train.steps,
+        start_step=start_step,
+        enabled=env.is_main,
+        wandb_setting=cfg.log.wandb,
+        run_id=run_meta.get("wandb_run_id"),
+        project=cfg.log.project,
+        entity=cfg.log.entity,
+        name=cfg.run.name,
+        config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+    )
+    if logger.run_id:
+        run_meta["wandb_run_id"] = logger.run_id
     global_batch = cfg.train.batch_size * env.world_size
+    flops, peak = step_flops(cfg), peak_tflops(env.device)  # model FLOPs per rank-step, GPU peak
     batches = iter(loader)
     bad_steps = skipped = 0
     model.train()
@@ -277,7 +301,7 @@ def train(cfg: Config) -> LeJEPAModel:
         batch = next(batches)
         t_data = time.perf_counter()
         views = [photometric(v.to(env.device, non_blocking=True), augment_gen) for v in batch.views]
-        parts, out, lr, applied = train_step(
+        parts, out, lr, norm, applied = train_step(
             model, loss_fn, optimizer, scheduler, views, step, autocast, checkpointer.wait_for_staging
         )
         bad_steps = 0 if applied else bad_steps + 1
@@ -295,7 +319,8 @@ def train(cfg: Config) -> LeJEPAModel:
             probe_loss, probe_acc = probe.step(out.features_global.flatten(0, 1), labels)
             probe_metrics = {"probe_loss": probe_loss, "probe_acc": probe_acc}
         logger.advance()
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
+        check_health = step % cfg.log.health_every == 0
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1 or check_health:
             t_step = time.perf_counter() - t_start
             metrics = mean_over_ranks(
                 {
@@ -309,9 +334,15 @@ def train(cfg: Config) -> LeJEPAModel:
                 },
                 env.device,
             )
-            metrics.update(
-                lr=lr, img_per_s=global_batch / t_step, img_per_s_per_rank=cfg.train.batch_size / t_step
-            )
+            metrics.update(scaled_loss=scaled_loss(metrics["loss"], cfg), lr=lr, grad_norm=norm)
+            metrics.update(throughput(t_step, cfg.train.batch_size, env.world_size, env.device, flops, peak))
+            if check_health:
+                metrics.update(
+                    embedding_health(out.z_global, out.z_local, parts.sigreg_per_view, global_batch)
+                )
+                alarm = collapse_alarm(metrics)
+                if alarm and step >= cfg.optim.warmup_steps and env.is_main:
+                    log.warning("step %d: %s", step, alarm)
             logger.log(step, metrics)
         checkpointer.poll()
         if preemption.any_rank():

@@ -1,0 +1,129 @@
+"""Observability: wandb offline runs that survive a resume, the logged metrics, and the label-free
+embedding-health signal against its Gaussian and collapse reference levels."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lejepa_scale.health import collapse_alarm, effective_rank, embedding_health
+from lejepa_scale.metrics import wandb_mode
+from lejepa_scale.objective import LeJEPALoss
+from lejepa_scale.sigreg import SIGReg
+
+ROOT = Path(__file__).parent.parent
+TINY = [
+    "train.batch_size=16",
+    "train.log_every=1",
+    "log.health_every=2",
+    "loss.num_slices=64",
+    "checkpoint.every_steps=2",
+    "model.backbone_kwargs={patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}",
+]
+
+
+def train(run_dir, *overrides, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(OMP_NUM_THREADS="1", HOME=str(run_dir.parent), **(env_extra or {}))  # HOME: no netrc key
+    command = [sys.executable, "-m", "lejepa_scale.train", "--config", str(ROOT / "configs/demo_cpu.yaml")]
+    result = subprocess.run(
+        [*command, f"run.dir={run_dir}", *TINY, *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_wandb_offline_run_and_a_resume_that_continues_the_same_run(tmp_path):
+    run_dir = tmp_path / "run"
+    first = train(run_dir, "train.steps=4")
+    assert "wandb sync" in first.stderr  # the upload instructions for a cluster without internet
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    assert offline.name.endswith(f"-{run_id}")
+    log = (offline / f"run-{run_id}.wandb").read_bytes()
+    for key in (
+        b"loss",
+        b"scaled_loss",
+        b"grad_norm",
+        b"img_per_s",
+        b"peak_mem_gib",
+        b"health/effective_rank",
+    ):
+        assert key in log, key
+    assert b"demo_cpu" in log and b"vit_tiny_patch16_224" in log  # the run name and its config
+    meta = json.loads((run_dir / "checkpoints/step-00000004/meta.json").read_text())
+    assert meta["wandb_run_id"] == run_id
+
+    # a requeued job on a fresh node may lose the run dir's id file: the checkpoint carries it
+    (run_dir / "wandb_run_id").unlink()
+    second = train(run_dir, "train.steps=6")
+    assert "resumed from" in second.stderr
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and all(s.name.endswith(f"-{run_id}") for s in segments)
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(6))
+
+
+def test_every_step_metrics_and_health_are_logged(tmp_path):
+    train(tmp_path, "train.steps=3", "log.wandb=disabled")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "pred", "sigreg", "scaled_loss", "lr", "grad_norm", "img_per_s", "img_per_s_per_rank",
+                "data_wait", "peak_mem_gib"):  # fmt: skip
+        assert all(key in r for r in records), key
+    assert records[0]["scaled_loss"] == pytest.approx(records[0]["loss"] / 0.05**0.4)
+    assert "health/effective_rank" in records[0] and "health/effective_rank" not in records[1]
+    assert records[0]["health/sigreg_collapse_level"] == pytest.approx(0.4 * 16)
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_wandb_mode_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    assert wandb_mode("auto") == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode("auto") == "disabled"
+    assert wandb_mode("offline") == "offline"
+
+
+def health_of(z_global, z_local, step=0):
+    parts = LeJEPALoss(0.05, SIGReg(num_slices=256))(z_global, z_local, step)
+    return embedding_health(z_global, z_local, parts.sigreg_per_view, z_global.shape[1])
+
+
+def test_health_of_gaussian_embeddings(gen):
+    h = health_of(torch.randn(2, 512, 16, generator=gen), torch.randn(4, 512, 16, generator=gen))
+    for v in range(6):
+        assert 0.7 < h[f"health/sigreg_view{v}"] < 2.0  # near the Gaussian level 1.05 (sample noise)
+    assert h["health/collapse_fraction"] < 0.01  # far from 0.40 N = 205
+    assert h["health/effective_rank"] > 15  # of 16 dimensions
+    assert h["health/std_min"] > 0.9 and h["health/std_max"] < 1.1
+    assert collapse_alarm(h) is None
+
+
+def test_health_of_collapsing_embeddings_raises_the_alarm(gen):
+    direction = torch.randn(1, 1, 16, generator=gen)
+    shared = direction + 1e-3 * torch.randn(6, 512, 16, generator=gen)  # every embedding nearly equal
+    h = health_of(shared[:2], shared[2:])
+    assert h["health/collapse_fraction"] > 0.9  # SIGReg near 0.40 N
+    assert h["health/std_max"] < 1e-2
+    alarm = collapse_alarm(h)
+    assert alarm and "approach collapse" in alarm
+
+
+def test_effective_rank_counts_the_used_dimensions(gen):
+    z = torch.randn(4096, 8, generator=gen)
+    assert effective_rank(z) == pytest.approx(8, rel=0.02)
+    assert effective_rank(torch.cat([z[:, :3], torch.zeros(4096, 5)], 1)) == pytest.approx(3, rel=0.02)
