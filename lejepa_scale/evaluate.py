@@ -1,0 +1,295 @@
+"""`python -m lejepa_scale.evaluate --checkpoint RUN_DIR_OR_STEP --train DATA --val DATA`: frozen features.
+
+Extracts backbone features (never the projector's) from labelled data, then trains a linear probe
+(LayerNorm + Linear, AdamW, cosine) and/or runs a weighted k-NN (k = 20, cosine similarity,
+temperature 0.07), and reports top-1/top-5 as a table and as JSON (`<run>/eval.json` by default,
+which `python -m lejepa_scale.report` reads). DATA is a built-in dataset (`fashion_mnist`, `digits`:
+train split for --train, test split for --val), labelled shards (manifest, folder with
+manifest.json, brace pattern) or a folder with one subfolder per class. Under
+`torchrun --nproc_per_node N` every rank extracts its share of the images and rank 0 probes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from data_pipeline.builtin import load_builtin
+from data_pipeline.shards import iter_samples, shard_paths
+from lejepa_scale.checkpoint import load_model_weights, resolve_checkpoint
+from lejepa_scale.config import Config, from_yaml
+from lejepa_scale.parallel import init_distributed
+from lejepa_scale.probe import ProbeResult, linear_probe
+
+log = logging.getLogger("lejepa_scale.evaluate")
+
+BUILTIN = ("fashion_mnist", "digits")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+# -- the model ---------------------------------------------------------------------------------------
+
+
+def load_backbone(checkpoint: str, random_init: bool = False) -> tuple[torch.nn.Module, Config, Path]:
+    """The backbone of a checkpoint (run dir: its newest complete one), or of its random init."""
+    from lejepa_scale.train import build_model
+
+    step_dir = resolve_checkpoint(checkpoint)
+    cfg = from_yaml(json.loads((step_dir / "meta.json").read_text())["config"])
+    model = build_model(cfg)
+    if not random_init:
+        load_model_weights(step_dir, model)
+    return model.backbone.eval(), cfg, step_dir
+
+
+def feature_fn(backbone: torch.nn.Module, kind: str):
+    """cls: the last layer's CLS (mean of patch tokens without one); cls2: the CLS of the last two
+    layers, concatenated (the reference README's probe for large ViTs); mean: mean of patch tokens."""
+    prefix = getattr(backbone, "num_prefix_tokens", 0)
+    has_cls = getattr(backbone, "cls_token", None) is not None
+
+    def last_layer(x: torch.Tensor) -> torch.Tensor:
+        tokens = backbone.forward_features(x)
+        if kind == "mean" or not has_cls:
+            return tokens[:, prefix:].mean(1) if tokens.dim() == 3 else tokens.mean((2, 3))
+        return tokens[:, 0]
+
+    def last_two(x: torch.Tensor) -> torch.Tensor:
+        layers = backbone.forward_intermediates(
+            x, indices=2, norm=True, return_prefix_tokens=True, intermediates_only=True, output_fmt="NLC"
+        )
+        return torch.cat([prefix_tokens[:, 0] for _, prefix_tokens in layers], dim=1)
+
+    if kind == "cls2":
+        if not (has_cls and hasattr(backbone, "forward_intermediates")):
+            raise SystemExit("--feature cls2 needs a ViT with a CLS token; use --feature mean")
+        return last_two
+    return last_layer
+
+
+# -- labelled data -----------------------------------------------------------------------------------
+
+
+def labelled_images(spec: str, split: str, size: int, rank: int, world: int, limit: int = 0):
+    """(uint8 images (B, 3, size, size), int64 labels (B,)) batches of this rank's share of `spec`;
+    `limit` > 0 keeps a seeded subset of that many images (built-in datasets and folders)."""
+    if spec in BUILTIN:
+        data = load_builtin(spec)
+        images, labels = (
+            (data.train_images, data.train_labels)
+            if split == "train"
+            else (data.test_images, data.test_labels)
+        )
+        if 0 < limit < len(images):
+            keep = _subset(len(images), limit)
+            images, labels = images[keep], labels[keep]
+        for start in range(rank * 256, len(images), world * 256):
+            x = images[start : start + 256].expand(-1, 3, -1, -1)
+            yield TF.resize(x, [size, size], antialias=True), labels[start : start + 256]
+        return
+    samples = _folder_samples(Path(spec)) if Path(spec).is_dir() and not _is_shard_dir(spec) else None
+    if samples is not None:
+        if 0 < limit < len(samples):
+            samples = [samples[i] for i in _subset(len(samples), limit)]
+        mine = ((open(path, "rb").read(), label) for path, label in samples[rank::world])  # noqa: SIM115
+    else:
+        paths = shard_paths(spec)[rank::world]
+        if not paths:
+            return
+        mine = ((s["jpg"], int(s["cls"])) for p in paths for s in iter_samples(p) if "cls" in s)
+    batch: list[tuple[torch.Tensor, int]] = []
+    for encoded, label in mine:
+        batch.append((_centre_crop(encoded, size), label))
+        if len(batch) == 256:
+            yield torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+            batch = []
+    if batch:
+        yield torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+
+
+def _subset(total: int, limit: int) -> torch.Tensor:
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:limit].sort().values
+
+
+def _is_shard_dir(spec: str) -> bool:
+    return (Path(spec) / "manifest.json").exists()
+
+
+def _folder_samples(root: Path) -> list[tuple[Path, int]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise SystemExit(f"{root}: expected one subfolder per class, or shards with a manifest.json")
+    return [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+
+
+def _centre_crop(encoded: bytes, size: int) -> torch.Tensor:
+    """The standard evaluation view: shorter side to size / 0.875, centre crop `size`."""
+    image = Image.open(io.BytesIO(encoded)).convert("RGB")
+    x = TF.pil_to_tensor(image)
+    x = TF.resize(x, int(round(size / 0.875)), antialias=True)
+    return TF.center_crop(x, [size, size])
+
+
+@torch.no_grad()
+def extract(encode, batches, mean: torch.Tensor, std: torch.Tensor, device: torch.device):
+    """Features and labels of this rank's images, gathered on rank 0 (None elsewhere)."""
+    feats, labels = [], []
+    for images, y in batches:
+        x = (images.to(device).float() / 255 - mean) / std
+        feats.append(encode(x).float().cpu())
+        labels.append(y)
+    local = (torch.cat(feats) if feats else torch.empty(0), torch.cat(labels) if labels else torch.empty(0))
+    if not dist.is_initialized():
+        return local
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    parts = [g for g in gathered if len(g[1])]
+    return torch.cat([g[0] for g in parts]), torch.cat([g[1] for g in parts]).long()
+
+
+def few_shot(features: torch.Tensor, labels: torch.Tensor, shots: int, seed: int = 0):
+    """`shots` images per class, drawn with a fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = [
+        idx[torch.randperm(len(idx), generator=gen)[:shots]]
+        for c in labels.unique()
+        for idx in [torch.nonzero(labels == c).flatten()]
+    ]
+    keep = torch.cat(keep).sort().values
+    return features[keep], labels[keep]
+
+
+# -- probes ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def knn_classify(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> ProbeResult:
+    """Weighted k-NN on cosine similarity: each of the k nearest training features votes for its
+    class with weight exp(similarity / temperature) (DINO's protocol)."""
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    train_n = F.normalize(train_x.float(), dim=1)
+    k = min(k, len(train_x))
+    top1 = top5 = 0
+    for start in range(0, len(test_x), chunk):
+        query = F.normalize(test_x[start : start + chunk].float(), dim=1)
+        sims, idx = (query @ train_n.T).topk(k, dim=1)
+        votes = torch.zeros(len(query), num_classes).scatter_add_(1, train_y[idx], (sims / temperature).exp())
+        ranked = votes.topk(min(5, num_classes), dim=1).indices
+        truth = test_y[start : start + chunk].unsqueeze(1)
+        top1 += int((ranked[:, :1] == truth).sum())
+        top5 += int((ranked == truth).any(1).sum())
+    return ProbeResult(top1=top1 / len(test_x), top5=top5 / len(test_x))
+
+
+def evaluate(args: argparse.Namespace) -> dict | None:
+    env = init_distributed(args.device)
+    backbone, cfg, step_dir = load_backbone(args.checkpoint, args.random_init)
+    backbone.to(env.device)
+    encode = feature_fn(backbone, args.feature)
+    size = args.image_size or cfg.views.global_size
+    mean = torch.tensor(cfg.views.mean, device=env.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.views.std, device=env.device).view(1, 3, 1, 1)
+    t0 = time.perf_counter()
+    train_data = labelled_images(args.train, "train", size, env.rank, env.world_size, args.max_train)
+    train = extract(encode, train_data, mean, std, env.device)
+    val_data = labelled_images(args.val, "val", size, env.rank, env.world_size, args.max_val)
+    val = extract(encode, val_data, mean, std, env.device)
+    if not env.is_main:
+        return None
+    (train_x, train_y), (val_x, val_y) = train, val
+    if 0 < args.max_train < len(train_x):  # shards: subsampled after extraction
+        keep = _subset(len(train_x), args.max_train)
+        train_x, train_y = train_x[keep], train_y[keep]
+    if args.shots:
+        train_x, train_y = few_shot(train_x, train_y, args.shots)
+    log.info("features: %s train, %s val, dim %d (%.0f s)", len(train_x), len(val_x), train_x.shape[1],
+             time.perf_counter() - t0)  # fmt: skip
+    results = {}
+    if args.probe in ("linear", "both"):
+        results["linear"] = asdict(
+            linear_probe(train_x, train_y, val_x, val_y, epochs=args.epochs, lr=args.lr, batch_size=256)
+        )
+    if args.probe in ("knn", "both"):
+        results["knn"] = asdict(
+            knn_classify(train_x, train_y, val_x, val_y, k=args.k, temperature=args.temperature)
+        )
+    return {
+        "checkpoint": str(step_dir),
+        "weights": "random_init" if args.random_init else "pretrained",
+        "feature": args.feature,
+        "train": args.train,
+        "val": args.val,
+        "train_images": len(train_x),
+        "val_images": len(val_x),
+        "shots": args.shots,
+        **results,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lejepa_scale.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run dir (newest complete checkpoint) or step dir")
+    p.add_argument("--train", required=True, help="labelled training data (see the module docstring)")
+    p.add_argument("--val", required=True, help="labelled evaluation data")
+    p.add_argument("--probe", choices=("linear", "knn", "both"), default="both")
+    p.add_argument("--feature", choices=("cls", "cls2", "mean"), default="cls")
+    p.add_argument("--shots", type=int, default=0, help="few-shot: K labelled training images per class")
+    p.add_argument("--max-train", type=int, default=0, help="a seeded subset of the training images (0: all)")
+    p.add_argument("--max-val", type=int, default=0, help="a seeded subset of the evaluation images (0: all)")
+    p.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    p.add_argument("--lr", type=float, default=1e-2, help="linear probe AdamW lr")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--image-size", type=int, default=0, help="default: the run's global crop size")
+    p.add_argument("--random-init", action="store_true", help="the same architecture, untrained (a baseline)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, help="JSON results (default: <run dir>/eval.json)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    report = evaluate(args)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if report is None:
+        return
+    out = args.out or Path(report["checkpoint"]).parent.parent / (
+        "eval_random_init.json" if args.random_init else "eval.json"
+    )
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\n{report['weights']} {report['feature']} features of {report['checkpoint']}")
+    sizes = f"({report['train_images']} train, {report['val_images']} val images)"
+    print(f"{'probe':<8} {'top-1':>7} {'top-5':>7}   {sizes}")
+    for name in ("linear", "knn"):
+        if name in report:
+            print(f"{name:<8} {100 * report[name]['top1']:>6.2f}% {100 * report[name]['top5']:>6.2f}%")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
