@@ -1,0 +1,71 @@
+"""Report plots: real PNGs from a real run, and Spearman's ρ over a small synthetic sweep."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lejepa_scale import report
+
+ROOT = Path(__file__).parent.parent
+
+
+def assert_real_png(path: Path) -> None:
+    assert path.stat().st_size > 5000, path
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 200
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.std() > 5, f"{path} is blank"
+
+
+def test_report_of_a_run_writes_its_plots(tmp_path):
+    command = [sys.executable, "-m", "lejepa_scale.train", "--config", str(ROOT / "configs/demo_cpu.yaml")]
+    tiny_vit = "model.backbone_kwargs={patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}"
+    overrides = ["train.steps=6", "train.batch_size=16", "train.log_every=1", "log.health_every=2",
+                 "loss.num_slices=64", tiny_vit]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*command, f"run.dir={tmp_path}", *overrides], check=True, env=env, capture_output=True)
+    report.main([str(tmp_path), "--pca-images", "4", "--out", str(tmp_path / "sweep")])
+    names = ["losses", "scaled_loss", "health", "lr_throughput", "pca_patches"]
+    for name in names:
+        assert_real_png(tmp_path / "report" / f"{name}.png")
+    assert not (tmp_path / "sweep").exists()  # one run without eval.json: no sweep plot
+
+
+def rank(values):
+    order = np.argsort(values)
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    return ranks
+
+
+def test_spearman_over_a_synthetic_sweep(tmp_path):
+    """Five runs whose accuracy falls exactly as loss / lam**0.4 rises, while the raw loss orders
+    them differently: ρ(scaled) = -1, and ρ(raw) equals NumPy's rank correlation."""
+    lams = [0.01, 0.02, 0.05, 0.1, 0.2]
+    raw = [0.20, 0.24, 0.30, 0.33, 0.45]
+    scaled = [loss / lam**0.4 for loss, lam in zip(raw, lams, strict=True)]
+    accuracy = [0.9 - 0.1 * r for r in rank(scaled)]
+    runs = []
+    for lam, loss, acc in zip(lams, raw, accuracy, strict=True):
+        run = tmp_path / f"lam{lam}"
+        run.mkdir()
+        (run / "config.yaml").write_text(f"loss:\n  lam: {lam}\n")
+        noisy_start = [{"step": s, "loss": 5.0} for s in range(90)]  # only the last 10% counts
+        lines = noisy_start + [{"step": 90 + s, "loss": loss} for s in range(10)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        (run / "eval.json").write_text(json.dumps({"linear": {"top1": acc, "top5": 1.0}}))
+        runs.append(run)
+    summary = report.sweep_summary(runs, alpha=0.4)
+    assert summary["spearman_scaled"] == pytest.approx(-1.0)
+    expected_raw = np.corrcoef(rank(raw), rank(accuracy))[0, 1]
+    assert summary["spearman_raw"] == pytest.approx(expected_raw)
+    assert summary["spearman_raw"] > -1.0
+    assert [r["scaled_loss"] for r in summary["runs"]] == pytest.approx(scaled)
+    out = tmp_path / "sweep"
+    assert_real_png(report.sweep_plot(summary, out.mkdir() or out))
