@@ -72,7 +72,7 @@ def run_training(cfg, model, rank, world_size):
     model.train()
     for step, views in enumerate(global_batches(world_size)):
         mine = views if rank is None else [v[:, rank * PER_RANK : (rank + 1) * PER_RANK] for v in views]
-        parts, _, _, applied = train_step(model, loss_fn, optimizer, scheduler, mine, step, autocast)
+        parts, _, _, _, applied = train_step(model, loss_fn, optimizer, scheduler, mine, step, autocast)
         assert applied
         losses.append(parts.total.item())
     return losses, full_state_dict(model)
