@@ -81,7 +81,8 @@ def wait_until_done(job_id, run_dir, timeout=400):
     except TimeoutError as e:
         show = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
         raise TimeoutError(f"{e}\n{show}") from e
-    logs = "".join(p.read_text() for p in sorted((Path(run_dir) / "slurm").glob("*.err")))
+    # two ranks' progress bars share a stream: a multi-byte character can be cut in half
+    logs = "".join(p.read_text(errors="replace") for p in sorted((Path(run_dir) / "slurm").glob("*.err")))
     return job_state(job_id), logs
 
 
@@ -92,8 +93,10 @@ def known_jobs():
 
 
 def logged_steps(run_dir):
+    """Steps in metrics.jsonl so far (read while the job writes it: a cut last line is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("\n")]
 
 
 def events(run_dir, kind=None):
@@ -274,7 +277,7 @@ def test_sbatch_template_trains_and_requeues_itself_on_usr2(uninterrupted, tmp_p
     wait_for(lambda: len(logged_steps(tmp_path)) > 30, what="step 30")
     subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], check=True)
     wait_for(lambda: job_state(job_id) in {"COMPLETED", "FAILED", "CANCELLED"}, 400, f"job {job_id}")
-    text = log.read_text()
+    text = log.read_text(errors="replace")  # torchrun's workers share the stream: bars may interleave
     assert job_state(job_id) == "COMPLETED", text[-3000:]
     assert "USR2: the trainers checkpoint" in text and f"requeueing job {job_id}" in text
     resumed = re.search(r"resumed from \S+ \(step (\d+)\)", text)
