@@ -102,7 +102,7 @@ def labelled_images(spec: str, split: str, size: int, rank: int, world: int, lim
     if samples is not None:
         if 0 < limit < len(samples):
             samples = [samples[i] for i in _subset(len(samples), limit)]
-        mine = ((open(path, "rb").read(), label) for path, label in samples[rank::world])  # noqa: SIM115
+        mine = ((path.read_bytes(), label) for path, label in samples[rank::world])
     else:
         paths = shard_paths(spec)[rank::world]
         if not paths:

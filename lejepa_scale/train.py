@@ -175,7 +175,7 @@ def train_step(
     step: int,
     autocast: torch.autocast,
     before_update=None,
-) -> tuple[LossParts, ModelOutput, float, float, bool]:
+) -> tuple[LossParts, ModelOutput, float, torch.Tensor, bool]:
     """Forward every crop size, the LeJEPA loss (SIGReg over the global batch), backward, AdamW.
     A non-finite loss on any rank skips the update on every rank. Returns the loss parts, the model
     output, the learning rate this step used, the gradient norm and whether the update was applied.
@@ -200,10 +200,11 @@ def train_step(
     return parts, out, lr, norm, applied
 
 
-def grad_norm(model: torch.nn.Module) -> float:
-    """The L2 norm of the whole (unsharded) gradient; the same value on every rank."""
+def grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of the whole (unsharded) gradient; the same value on every rank. A tensor, so
+    steps that do not log it never wait for the device."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -334,7 +335,7 @@ def train(cfg: Config) -> LeJEPAModel:
                 },
                 env.device,
             )
-            metrics.update(scaled_loss=scaled_loss(metrics["loss"], cfg), lr=lr, grad_norm=norm)
+            metrics.update(scaled_loss=scaled_loss(metrics["loss"], cfg), lr=lr, grad_norm=norm.item())
             metrics.update(throughput(t_step, cfg.train.batch_size, env.world_size, env.device, flops, peak))
             if check_health:
                 metrics.update(

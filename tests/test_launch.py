@@ -88,7 +88,9 @@ def wait_until_done(job_id, run_dir, timeout=400):
 
 def known_jobs():
     """Every job id the controller knows: queued, running, and finished within MinJobAge."""
-    out = subprocess.run(["scontrol", "show", "jobs", "-o"], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "jobs", "-o"], capture_output=True, text=True, check=True
+    ).stdout
     return set(re.findall(r"^JobId=(\d+)", out, re.M))
 
 
