@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from lejepa_scale.checkpoint import Checkpointer, TrainState
+from lejepa_scale.build import build_loss, build_model, build_optimizer, build_scheduler
+from lejepa_scale.checkpoint import Checkpointer, ModelState, OptimizerState
 from lejepa_scale.config import load_config
-from lejepa_scale.train import build_loss, build_model, build_optimizer, warmup_cosine
+from lejepa_scale.rng import RandomState
 
 
 class _Position:
@@ -40,11 +41,12 @@ def main() -> None:
     cfg = load_config(None, ["run.dir=unused", "model.name=vit_base_patch16_224", "views.global_size=224"])
     model = build_model(cfg)
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    scheduler = build_scheduler(optimizer, cfg)
     out = model(torch.randn(2, 2, 3, 224, 224), torch.randn(2, 2, 3, 96, 96))
     build_loss(cfg)(out.z_global, out.z_local, 0).total.backward()
     optimizer.step()  # AdamW moments exist
-    state = TrainState(model, optimizer, scheduler, _Position(), {"augment": torch.Generator()})
+    state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer), "schedule": scheduler}
+    per_rank = {"loader": _Position(), "rng": RandomState({"augment": torch.Generator()})}
     params = sum(p.numel() for p in model.parameters())
     print(f"ViT-B/16 + projector: {params / 1e6:.1f} M parameters, torch {torch.__version__}")
 
@@ -62,11 +64,12 @@ def main() -> None:
     stalls = {}
     for mode in ("sync", "async"):
         shutil.rmtree(args.dir, ignore_errors=True)
-        ckpt = Checkpointer(args.dir, every_steps=0, every_minutes=0, keep_last=2, async_save=mode == "async")
+        ckpt = Checkpointer(args.dir, state, per_rank, {}, every_steps=0, every_minutes=0,
+                            async_save=mode == "async")  # fmt: skip
         times = []
         for i in range(args.repeats):
             start = time.perf_counter()
-            ckpt.save(i + 1, state)
+            ckpt.save(i + 1)
             blocked = time.perf_counter() - start
             forward_backward()
             start = time.perf_counter()
@@ -76,7 +79,7 @@ def main() -> None:
         stalls[mode] = statistics.median(times)
     size = sum(f.stat().st_size for f in ckpt.latest().rglob("*") if f.is_file()) / 2**30
     start = time.perf_counter()
-    ckpt.load(ckpt.latest(), state)
+    ckpt.load(ckpt.latest())
     resume = time.perf_counter() - start
     shutil.rmtree(args.dir, ignore_errors=True)
     ratio = 100 * stalls["async"] / stalls["sync"]

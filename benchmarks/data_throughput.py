@@ -177,9 +177,9 @@ def main() -> None:
 
     out = args.workdir / "shards"
     start = time.process_time()
-    classes, items = convert.list_class_folders(args.workdir / "src")
-    convert.convert(classes, items, out, prefix="bench", shard_size=60, workers=1)
-    rate = len(items) / (time.process_time() - start)
+    listing = convert.list_class_folders(args.workdir / "src")
+    convert.convert(listing, out, prefix="bench", shard_size=60, workers=1)
+    rate = len(listing.items) / (time.process_time() - start)
     print(f"| converter, no re-encoding, 1 process | {rate:.0f} images/s/core |")
 
     shards = resolve_shards(str(out))

@@ -20,10 +20,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from lejepa_scale.build import build_loss, build_optimizer, build_parallel_model, build_scheduler
 from lejepa_scale.config import load_config
 from lejepa_scale.parallel import init_distributed
 from lejepa_scale.plan import flops_per_sample, model_shape
-from lejepa_scale.train import build_loss, build_optimizer, build_parallel_model, train_step, warmup_cosine
+from lejepa_scale.step import train_step
 
 
 def bench(name: str, args, env) -> str:
@@ -43,7 +44,7 @@ def bench(name: str, args, env) -> str:
     )
     model = build_parallel_model(cfg, env)
     loss_fn, optimizer = build_loss(cfg), build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    scheduler = build_scheduler(optimizer, cfg)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     views = [
         torch.randn(2, args.batch, 3, 224, 224, device=env.device),

@@ -17,6 +17,7 @@ import torch
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+BUILTIN = ("fashion_mnist", "digits")
 _IDX_DTYPES = {0x08: np.uint8}
 
 

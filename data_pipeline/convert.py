@@ -37,9 +37,9 @@ import zstandard
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from data_pipeline.labelled import class_folder, image_files
 from data_pipeline.shards import iter_samples
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 REENCODE_QUALITY = 95
 RESIZE_QUALITY = 90
 ZSTD_LEVEL = 3
@@ -56,54 +56,59 @@ class Item:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """Files with an image suffix under `folder` (symlinks included, dangling ones too: they are
-    recorded as skipped later rather than silently dropped here)."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+@dataclass
+class Listing:
+    """What a source tree holds: class names, the images to convert, and files that are not images
+    by their suffix (recorded in the manifest, not converted)."""
+
+    classes: list[str]
+    items: list[Item]
+    ignored: list[str]
 
 
-def list_class_folders(src: Path) -> tuple[list[str], list[Item]]:
+def list_class_folders(src: Path) -> Listing:
     """A class-per-subfolder tree: class index = position in the sorted subfolder names."""
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir())
-    if not classes:
-        raise SystemExit(f"error: {src} has no class subfolders (expected {src}/<class>/<image>)")
-    items = [Item(str(f), label) for label, name in enumerate(classes) for f in _images_in(src / name)]
-    return classes, items
+    tree = class_folder(src)
+    return Listing(
+        tree.classes, [Item(str(p), label) for p, label in tree.samples], list(map(str, tree.ignored))
+    )
 
 
-def list_imagenet(src: Path, split: str) -> tuple[list[str], list[Item]]:
+def list_imagenet(src: Path, split: str) -> Listing:
     """ImageNet `train/<wnid>/*.JPEG`; val as `val/<wnid>/*.JPEG` or flat `val/*.JPEG` labelled by
     LOC_val_solution.csv. Class indices always come from the sorted training wnids when present."""
     split_dir = src / split
     if not split_dir.is_dir():
-        raise SystemExit(f"error: {split_dir} does not exist (expected {src}/{{train,val}}/)")
+        raise ValueError(f"{split_dir} does not exist (expected {src}/{{train,val}}/)")
     train_dir = src / "train"
     wnids = sorted(p.name for p in train_dir.iterdir() if p.is_dir()) if train_dir.is_dir() else []
     if any(p.is_dir() for p in split_dir.iterdir()):
-        found, items = list_class_folders(split_dir)
-        if wnids and found != wnids:
+        found = list_class_folders(split_dir)
+        if wnids and found.classes != wnids:
             index = {w: i for i, w in enumerate(wnids)}
-            unknown = sorted(set(found) - set(index))
+            unknown = sorted(set(found.classes) - set(index))
             if unknown:
-                raise SystemExit(f"error: {split_dir} has classes not in {train_dir}: {unknown[:5]}")
-            items = [Item(it.path, index[found[it.label]]) for it in items]
-        return wnids or found, items
+                raise ValueError(f"{split_dir} has classes not in {train_dir}: {unknown[:5]}")
+            found.items = [Item(it.path, index[found.classes[it.label]]) for it in found.items]
+        found.classes = wnids or found.classes
+        return found
     solution = next(
         (p for p in (src / "LOC_val_solution.csv", src.parent / "LOC_val_solution.csv") if p.exists()), None
     )
     if solution is None:
-        raise SystemExit(f"error: {split_dir} is flat but LOC_val_solution.csv is not in {src} or its parent")
+        raise ValueError(f"{split_dir} is flat but LOC_val_solution.csv is not in {src} or its parent")
     with open(solution, newline="") as f:
         labels = {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
     wnids = wnids or sorted(set(labels.values()))
     index = {w: i for i, w in enumerate(wnids)}
+    files = image_files(split_dir)
     items = []
-    for path in _images_in(split_dir):
+    for path in files.images:
         wnid = labels.get(path.stem)
         if wnid is None:
-            raise SystemExit(f"error: {path} has no row in {solution}")
+            raise ValueError(f"{path} has no row in {solution}")
         items.append(Item(str(path), index[wnid]))
-    return wnids, items
+    return Listing(wnids, items, list(map(str, files.ignored)))
 
 
 def plan_shards(items: list[Item], shard_size: int, seed: int) -> list[list[Item]]:
@@ -242,8 +247,7 @@ def array_task() -> tuple[int, int]:
 
 
 def convert(
-    classes: list[str],
-    items: list[Item],
+    listing: Listing,
     out: Path,
     *,
     prefix: str,
@@ -255,12 +259,12 @@ def convert(
     task: tuple[int, int] = (0, 1),
 ) -> dict | None:
     """Convert this task's shards (skipping finished ones); write the manifest if all are finished."""
-    if not items:
-        raise SystemExit("error: no image files found")
+    if not listing.items:
+        raise ValueError("no image files found")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "classes.json", json.dumps(classes))
-    shards = plan_shards(items, shard_size, seed)
-    opts = {"zstd": zstd, "max_side": max_side, "classes": classes}
+    _atomic_write_text(out / "classes.json", json.dumps(listing.classes))
+    shards = plan_shards(listing.items, shard_size, seed)
+    opts = {"zstd": zstd, "max_side": max_side, "classes": listing.classes}
     mine = [i for i in range(len(shards)) if i % task[1] == task[0]]
     todo = [i for i in mine if not sidecar_path(out, prefix, i).exists()]
     done = len(mine) - len(todo)
@@ -283,15 +287,19 @@ def convert(
                 future.result()
                 bar.update(len(shards[futures[future]]))
     bar.close()
-    return write_manifest(out, prefix, len(shards), classes, zstd)
+    return write_manifest(out, prefix, len(shards), listing, zstd)
 
 
-def write_manifest(out: Path, prefix: str, num_shards: int, classes: list[str], zstd: bool) -> dict | None:
+IGNORED_LISTED = 1000  # ignored files named in the manifest; the count covers all of them
+
+
+def write_manifest(out: Path, prefix: str, num_shards: int, listing: Listing, zstd: bool) -> dict | None:
     """Assemble manifest.json from the sidecars once every shard is finished (else return None)."""
     sidecars = [sidecar_path(out, prefix, i) for i in range(num_shards)]
     if not all(p.exists() for p in sidecars):
         return None
     records = [json.loads(p.read_text()) for p in sidecars]
+    classes = listing.classes
     class_counts = Counter()
     for r in records:
         class_counts.update({int(k): v for k, v in r["class_counts"].items()})
@@ -305,6 +313,11 @@ def write_manifest(out: Path, prefix: str, num_shards: int, classes: list[str], 
         "class_counts": {classes[k]: v for k, v in sorted(class_counts.items())},
         "skipped": [s for r in records for s in r["skipped"]],
         "reencoded": [s for r in records for s in r["reencoded"]],
+        "ignored": {
+            "reason": "no image suffix",
+            "count": len(listing.ignored),
+            "paths": listing.ignored[:IGNORED_LISTED],
+        },
     }
     _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
@@ -365,31 +378,32 @@ def main(argv: list[str] | None = None) -> int:
             print(p, file=sys.stderr)
         print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
         return 1 if problems else 0
-    if args.command == "imagenet":
-        classes, items = list_imagenet(args.src, args.split)
-        prefix = args.prefix or args.split
-    else:
-        classes, items = list_class_folders(args.src)
-        prefix = args.prefix or "data"
     task = array_task()
-    manifest = convert(
-        classes,
-        items,
-        args.out,
-        prefix=prefix,
-        shard_size=args.shard_size,
-        workers=args.workers,
-        max_side=args.max_side,
-        zstd=args.zstd,
-        seed=args.seed,
-        task=task,
-    )
+    try:
+        if args.command == "imagenet":
+            listing, prefix = list_imagenet(args.src, args.split), args.prefix or args.split
+        else:
+            listing, prefix = list_class_folders(args.src), args.prefix or "data"
+        manifest = convert(
+            listing,
+            args.out,
+            prefix=prefix,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            max_side=args.max_side,
+            zstd=args.zstd,
+            seed=args.seed,
+            task=task,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if manifest is None:
         print(f"task {task[0]} of {task[1]} done; the manifest is written by the task that finishes last")
     else:
         print(
             f"{args.out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
-            f"{len(manifest['skipped'])} skipped, {len(manifest['reencoded'])} re-encoded"
+            f"{len(manifest['skipped'])} skipped, {len(manifest['reencoded'])} re-encoded, "
+            f"{manifest['ignored']['count']} ignored (no image suffix)"
         )
     return 0
 

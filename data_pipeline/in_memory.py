@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from data_pipeline.views import MultiCrop, ViewBatch
+from data_pipeline.views import CropSpec, MultiCrop, ViewBatch
 
 
 class InMemoryViews:
@@ -24,7 +24,8 @@ class InMemoryViews:
         labels: torch.Tensor | None,
         *,
         batch_size: int,
-        crops: MultiCrop,
+        crops: list[CropSpec],
+        flip_p: float = 0.5,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -32,7 +33,7 @@ class InMemoryViews:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.images, self.labels = images, labels
-        self.batch_size, self.crops, self.seed = batch_size, crops, seed
+        self.batch_size, self.crops, self.seed = batch_size, MultiCrop(crops, flip_p), seed
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = len(images) // (batch_size * world_size)
         if self.batches_per_epoch == 0:
@@ -46,6 +47,11 @@ class InMemoryViews:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def restart_epoch(self, epoch: int) -> None:
+        """Start `epoch` again from its first batch (a resume at another world size, where the
+        position within the epoch does not map)."""
+        self.epoch, self.batch = epoch, 0
 
     def __iter__(self) -> Iterator[ViewBatch]:
         while True:

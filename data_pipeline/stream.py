@@ -214,6 +214,11 @@ class ShardViews:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self.corrupt_total = int(state.get("corrupt_total", 0))
 
+    def restart_epoch(self, epoch: int) -> None:
+        """Start `epoch` again from its first batch (a resume at another world size, where the
+        position within the epoch does not map)."""
+        self.epoch, self.batch = epoch, 0
+
     def __iter__(self) -> Iterator[ViewBatch]:
         while True:
             plan = plan_epoch(self.shards, self.epoch, self.seed, self.batch_size, self.world_size)
@@ -233,6 +238,7 @@ class ShardViews:
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 prefetch_factor=4 if self.num_workers else None,
+                generator=torch.Generator().manual_seed(self.seed),  # not the trainer's torch stream
             )
             for batch in loader:
                 self.batch += 1

@@ -142,9 +142,10 @@ def decode_crops(
     return out
 
 
-@dataclass(frozen=True)
+@dataclass
 class PhotometricSpec:
-    """LeJEPA's colour stack (the reference README's values)."""
+    """LeJEPA's colour stack (the reference README's values). Also the `views.photometric` section
+    of the training config, so each parameter is declared once."""
 
     jitter_p: float = 0.8
     brightness: float = 0.4
@@ -156,8 +157,18 @@ class PhotometricSpec:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.2
     solarize_threshold: float = 128 / 255
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 images, or floats in [0, 1], shaped (..., C, H, W) -> float32 (x - mean) / std per channel."""
+    x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
+    mean_t = torch.tensor(mean, device=x.device).view(-1, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(-1, 1, 1)
+    return (x - mean_t) / std_t
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -215,10 +226,16 @@ class Photometric:
     """Per-sample colour jitter (brightness, contrast, saturation, hue in a random order per call),
     grayscale, Gaussian blur, solarize and normalisation of a batch of views on its own device.
 
-    Input: (..., 3, H, W) uint8 or float in [0, 1]; output: normalised float32."""
+    Input: (..., 3, H, W) uint8 or float in [0, 1]; output: float32 normalised with `mean`/`std`."""
 
-    def __init__(self, spec: PhotometricSpec = PhotometricSpec()):
-        self.spec = spec
+    def __init__(
+        self,
+        spec: PhotometricSpec | None = None,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ):
+        self.spec = spec if spec is not None else PhotometricSpec()
+        self.mean, self.std = mean, std
 
     @torch.no_grad()
     def __call__(self, views: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -255,9 +272,7 @@ class Photometric:
             x[blur] = gaussian_blur(x[blur], draw(*s.blur_sigma, int(blur.sum())), blur_kernel_size(height))
         solarize = chance(s.solarize_p).view(-1, 1, 1, 1) & (x >= s.solarize_threshold)
         x = torch.where(solarize, 1 - x, x)
-        mean = torch.tensor(s.mean, device=dev).view(1, -1, 1, 1)
-        std = torch.tensor(s.std, device=dev).view(1, -1, 1, 1)
-        return ((x - mean) / std).reshape(*lead, c, height, width)
+        return normalize(x, self.mean, self.std).reshape(*lead, c, height, width)
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""Autograd-aware collectives for statistics of the global batch (SIGReg's ECF, BatchNorm moments).
+"""The project's collectives: autograd-aware sums for statistics of the global batch (SIGReg's ECF,
+BatchNorm moments), and the agreement of host-side decisions (save now? stop now?) across ranks.
 
-The forward sums a tensor over the data-parallel group; the backward sums the gradient over the
-group as well. Each rank's loss depends on every rank's samples through the summed statistic, so
-the backward sum delivers to each rank the gradient of every rank's loss, and after FSDP/DDP
-average gradients over ranks, parameter gradients equal the single-process ones on the whole batch.
+The differentiable sum's forward sums a tensor over the data-parallel group; the backward sums the
+gradient over the group as well. Each rank's loss depends on every rank's samples through the
+summed statistic, so the backward sum delivers to each rank the gradient of every rank's loss, and
+after FSDP/DDP average gradients over ranks, parameter gradients equal the single-process ones on
+the whole batch.
 """
 
 from __future__ import annotations
@@ -39,3 +41,19 @@ def default_group() -> dist.ProcessGroup | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD
     return None
+
+
+_CONTROL_GROUP = None
+
+
+def all_true(flag: bool) -> bool:
+    """Whether `flag` holds on every rank, through a CPU (gloo) group of its own: works beside NCCL
+    and never interleaves with the collectives of a checkpoint being written in the background."""
+    global _CONTROL_GROUP
+    if not dist.is_initialized():
+        return flag
+    if _CONTROL_GROUP is None:  # created in lockstep: every rank reaches its first call together
+        _CONTROL_GROUP = dist.new_group(backend="gloo")
+    t = torch.tensor([0 if flag else 1])
+    dist.all_reduce(t, group=_CONTROL_GROUP)
+    return int(t.item()) == 0

@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.builtin import BUILTIN
+from data_pipeline.views import IMAGENET_MEAN, IMAGENET_STD, PhotometricSpec
 
 
 class ConfigError(ValueError):
@@ -44,16 +47,9 @@ class ViewsConfig:
     global_scale: tuple[float, float] = (0.3, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.3)
     flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
-    solarize_p: float = 0.2
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation, in training and evaluation
+    std: tuple[float, float, float] = IMAGENET_STD
+    photometric: PhotometricSpec = field(default_factory=PhotometricSpec)  # colour, blur, solarize
 
 
 @dataclass
@@ -158,7 +154,7 @@ def _validate(cfg: Config) -> None:
     checks = [
         (0.0 <= cfg.loss.lam <= 1.0, "loss.lam", f"must be in [0, 1], got {cfg.loss.lam}"),
         (
-            cfg.data.source in ("fashion_mnist", "digits", "shards"),
+            cfg.data.source in (*BUILTIN, "shards"),
             "data.source",
             "must be fashion_mnist, digits or shards",
         ),
@@ -166,6 +162,12 @@ def _validate(cfg: Config) -> None:
             cfg.data.source != "shards" or cfg.data.train,
             "data.train",
             "must name the shards when data.source=shards",
+        ),
+        (
+            cfg.data.source == "shards" or not cfg.data.train,
+            "data.source",
+            f"is {cfg.data.source!r}, a built-in dataset, but data.train names shards: set "
+            "data.source=shards to train on them (or drop data.train)",
         ),
         (cfg.loss.integration in ("half", "symmetric"), "loss.integration", "must be 'half' or 'symmetric'"),
         (cfg.loss.knots >= 2, "loss.knots", "must be >= 2"),
@@ -200,6 +202,53 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key} {what}")
 
 
+# Keys that moved, old -> new: a recipe or override still using an old key fails with the new name;
+# configs saved by older runs (run dirs, checkpoints) are read with their keys moved.
+MOVED = {
+    f"views.{name}": f"views.photometric.{name}"
+    for name in (
+        "jitter_p",
+        "brightness",
+        "contrast",
+        "saturation",
+        "hue",
+        "grayscale_p",
+        "blur_p",
+        "solarize_p",
+    )
+}
+
+
+def _moved_keys(keys: list[str]) -> None:
+    moved = [f"{k} is now {MOVED[k]}" for k in keys if k in MOVED]
+    if moved:
+        raise ConfigError("renamed config keys: " + "; ".join(moved))
+
+
+def _flat_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        keys += _flat_keys(value, f"{name}.") if isinstance(value, DictConfig) else [name]
+    return keys
+
+
+def _apply_overrides(merged: DictConfig, overrides: list[str]) -> DictConfig:
+    """Dotted overrides in order. A dict value replaces a dict-typed key (`model.backbone_kwargs={}`
+    clears the recipe's kwargs) instead of merging into it."""
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        _moved_keys([key])
+        parsed = OmegaConf.from_dotlist([override])
+        current, value = OmegaConf.select(merged, key), OmegaConf.select(parsed, key)
+        replace = isinstance(value, DictConfig) and isinstance(current, DictConfig)
+        if replace and OmegaConf.get_type(current) is dict:
+            OmegaConf.update(merged, key, value, merge=False)
+        else:
+            merged = OmegaConf.merge(merged, parsed)
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults <- YAML recipe at `path` <- dotted `key=value` overrides, validated."""
     try:
@@ -208,11 +257,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            recipe = OmegaConf.load(path)
+            _moved_keys(_flat_keys(recipe))
+            merged = OmegaConf.merge(merged, recipe)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = _apply_overrides(merged, list(overrides))
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"required config keys are not set: {', '.join(missing)} (e.g. run.dir=runs/x)")
@@ -225,9 +276,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def from_yaml(text: str) -> Config:
-    """A config saved by `to_yaml` (in a run dir or checkpoint), validated against today's schema."""
+    """A config saved by `to_yaml` (in a run dir or checkpoint), validated against today's schema;
+    keys that have moved since it was saved are moved."""
+    saved = OmegaConf.create(text)
+    for old, new in MOVED.items():
+        value = OmegaConf.select(saved, old)
+        if value is not None:
+            OmegaConf.update(saved, new, value)
+            del saved[old.split(".")[0]][old.split(".")[1]]
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
     except OmegaConfBaseException as e:
         raise ConfigError(f"saved config does not match the schema: {e}".split("\n")[0]) from e
 

@@ -17,10 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.builtin import load_builtin
+from data_pipeline.views import normalize
+from lejepa_scale.build import build_model
 from lejepa_scale.config import Config, load_config
+from lejepa_scale.metrics import configure_logging
 from lejepa_scale.parallel import init_distributed
 from lejepa_scale.probe import extract_features, linear_probe
-from lejepa_scale.train import build_model, train
+from lejepa_scale.train import train
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
 log = logging.getLogger("lejepa_scale.demo")
@@ -37,13 +40,11 @@ def probe_backbones(cfg: Config, pretrained: torch.nn.Module) -> dict[str, dict[
     train_x, train_y = data.train_images[subset], data.train_labels[subset]
     test_x, test_y = data.test_images[:n_test], data.test_labels[:n_test]
     device = init_distributed(cfg.train.device).device
-    mean = torch.tensor(cfg.views.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.views.std, device=device).view(1, 3, 1, 1)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         x = x.float().div(255).expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=cfg.views.global_size, mode="bilinear", antialias=True, align_corners=False)
-        return (x - mean) / std
+        return normalize(x, cfg.views.mean, cfg.views.std)
 
     def probe(encode, name: str, prep=prepare) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo_cpu.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging()
     cfg = load_config(DEMO_CONFIG, args.overrides)
     t0 = time.perf_counter()
     model = train(cfg)
@@ -88,13 +89,18 @@ def main(argv: list[str] | None = None) -> None:
     results.update(train_seconds=round(t_train, 1), total_seconds=round(time.perf_counter() - t0, 1))
     Path(cfg.run.dir, "probe.json").write_text(json.dumps(results, indent=2))
     gain = 100 * (results["pretrained"]["top1"] - results["random_init"]["top1"])
-    n_test = results["probe_test_size"]
-    print(f"\nLinear probe on frozen features, {results['dataset']} test set ({n_test} images):")
-    print(f"  LeJEPA pretrained ({cfg.train.steps} steps) : {results['pretrained']['top1']:.4f}")
-    print(f"  random init (same architecture)   : {results['random_init']['top1']:.4f}")
-    print(f"  raw pixels                        : {results['raw_pixels']['top1']:.4f}")
-    print(f"  pretraining gain over random init : {gain:+.1f} points")
-    print(f"  wall time                         : {results['total_seconds']:.0f} s")
+    rows = [
+        (f"LeJEPA pretrained ({cfg.train.steps} steps)", f"{results['pretrained']['top1']:.4f}"),
+        ("random init (same architecture)", f"{results['random_init']['top1']:.4f}"),
+        ("raw pixels", f"{results['raw_pixels']['top1']:.4f}"),
+        ("pretraining gain over random init", f"{gain:+.1f} points"),
+        ("wall time", f"{results['total_seconds']:.0f} s"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    test_set = f"{results['dataset']} test set ({results['probe_test_size']} images)"
+    print(f"\nLinear probe on frozen features, {test_set}:")
+    for label, value in rows:
+        print(f"  {label:<{width}} : {value}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ manifest.json, brace pattern) or a folder with one subfolder per class. Under
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import time
@@ -22,35 +21,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
-from data_pipeline.builtin import load_builtin
-from data_pipeline.shards import iter_samples, shard_paths
-from lejepa_scale.checkpoint import load_model_weights, resolve_checkpoint
-from lejepa_scale.config import Config, from_yaml
+from data_pipeline.labelled import labelled_images, seeded_subset
+from data_pipeline.views import normalize
+from lejepa_scale.metrics import configure_logging
 from lejepa_scale.parallel import init_distributed
+from lejepa_scale.pretrained import load_run
 from lejepa_scale.probe import ProbeResult, linear_probe
 
 log = logging.getLogger("lejepa_scale.evaluate")
-
-BUILTIN = ("fashion_mnist", "digits")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
-# -- the model ---------------------------------------------------------------------------------------
-
-
-def load_backbone(checkpoint: str, random_init: bool = False) -> tuple[torch.nn.Module, Config, Path]:
-    """The backbone of a checkpoint (run dir: its newest complete one), or of its random init."""
-    from lejepa_scale.train import build_model
-
-    step_dir = resolve_checkpoint(checkpoint)
-    cfg = from_yaml(json.loads((step_dir / "meta.json").read_text())["config"])
-    model = build_model(cfg)
-    if not random_init:
-        load_model_weights(step_dir, model)
-    return model.backbone.eval(), cfg, step_dir
 
 
 def feature_fn(backbone: torch.nn.Module, kind: str):
@@ -73,86 +52,17 @@ def feature_fn(backbone: torch.nn.Module, kind: str):
 
     if kind == "cls2":
         if not (has_cls and hasattr(backbone, "forward_intermediates")):
-            raise SystemExit("--feature cls2 needs a ViT with a CLS token; use --feature mean")
+            raise ValueError("--feature cls2 needs a ViT with a CLS token; use --feature mean")
         return last_two
     return last_layer
 
 
-# -- labelled data -----------------------------------------------------------------------------------
-
-
-def labelled_images(spec: str, split: str, size: int, rank: int, world: int, limit: int = 0):
-    """(uint8 images (B, 3, size, size), int64 labels (B,)) batches of this rank's share of `spec`;
-    `limit` > 0 keeps a seeded subset of that many images (built-in datasets and folders)."""
-    if spec in BUILTIN:
-        data = load_builtin(spec)
-        images, labels = (
-            (data.train_images, data.train_labels)
-            if split == "train"
-            else (data.test_images, data.test_labels)
-        )
-        if 0 < limit < len(images):
-            keep = _subset(len(images), limit)
-            images, labels = images[keep], labels[keep]
-        for start in range(rank * 256, len(images), world * 256):
-            x = images[start : start + 256].expand(-1, 3, -1, -1)
-            yield TF.resize(x, [size, size], antialias=True), labels[start : start + 256]
-        return
-    samples = _folder_samples(Path(spec)) if Path(spec).is_dir() and not _is_shard_dir(spec) else None
-    if samples is not None:
-        if 0 < limit < len(samples):
-            samples = [samples[i] for i in _subset(len(samples), limit)]
-        mine = ((path.read_bytes(), label) for path, label in samples[rank::world])
-    else:
-        paths = shard_paths(spec)[rank::world]
-        if not paths:
-            return
-        mine = ((s["jpg"], int(s["cls"])) for p in paths for s in iter_samples(p) if "cls" in s)
-    batch: list[tuple[torch.Tensor, int]] = []
-    for encoded, label in mine:
-        batch.append((_centre_crop(encoded, size), label))
-        if len(batch) == 256:
-            yield torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
-            batch = []
-    if batch:
-        yield torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
-
-
-def _subset(total: int, limit: int) -> torch.Tensor:
-    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:limit].sort().values
-
-
-def _is_shard_dir(spec: str) -> bool:
-    return (Path(spec) / "manifest.json").exists()
-
-
-def _folder_samples(root: Path) -> list[tuple[Path, int]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise SystemExit(f"{root}: expected one subfolder per class, or shards with a manifest.json")
-    return [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-
-
-def _centre_crop(encoded: bytes, size: int) -> torch.Tensor:
-    """The standard evaluation view: shorter side to size / 0.875, centre crop `size`."""
-    image = Image.open(io.BytesIO(encoded)).convert("RGB")
-    x = TF.pil_to_tensor(image)
-    x = TF.resize(x, int(round(size / 0.875)), antialias=True)
-    return TF.center_crop(x, [size, size])
-
-
 @torch.no_grad()
-def extract(encode, batches, mean: torch.Tensor, std: torch.Tensor, device: torch.device):
+def extract(encode, batches, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
     """Features and labels of this rank's images, gathered on rank 0 (None elsewhere)."""
     feats, labels = [], []
     for images, y in batches:
-        x = (images.to(device).float() / 255 - mean) / std
-        feats.append(encode(x).float().cpu())
+        feats.append(encode(normalize(images.to(device), mean, std)).float().cpu())
         labels.append(y)
     local = (torch.cat(feats) if feats else torch.empty(0), torch.cat(labels) if labels else torch.empty(0))
     if not dist.is_initialized():
@@ -210,12 +120,11 @@ def knn_classify(
 
 def evaluate(args: argparse.Namespace) -> dict | None:
     env = init_distributed(args.device)
-    backbone, cfg, step_dir = load_backbone(args.checkpoint, args.random_init)
-    backbone.to(env.device)
+    model, cfg, step_dir = load_run(args.checkpoint, args.random_init)
+    backbone = model.backbone.to(env.device)
     encode = feature_fn(backbone, args.feature)
     size = args.image_size or cfg.views.global_size
-    mean = torch.tensor(cfg.views.mean, device=env.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.views.std, device=env.device).view(1, 3, 1, 1)
+    mean, std = cfg.views.mean, cfg.views.std
     t0 = time.perf_counter()
     train_data = labelled_images(args.train, "train", size, env.rank, env.world_size, args.max_train)
     train = extract(encode, train_data, mean, std, env.device)
@@ -225,7 +134,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         return None
     (train_x, train_y), (val_x, val_y) = train, val
     if 0 < args.max_train < len(train_x):  # shards: subsampled after extraction
-        keep = _subset(len(train_x), args.max_train)
+        keep = seeded_subset(len(train_x), args.max_train)
         train_x, train_y = train_x[keep], train_y[keep]
     if args.shots:
         train_x, train_y = few_shot(train_x, train_y, args.shots)
@@ -272,10 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="JSON results (default: <run dir>/eval.json)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    report = evaluate(args)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    configure_logging()
+    try:
+        report = evaluate(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if report is None:
         return
     out = args.out or Path(report["checkpoint"]).parent.parent / (

@@ -32,14 +32,10 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.shards import shard_paths
-from lejepa_scale.checkpoint import (
-    EXIT_PREEMPTED,
-    Preempted,
-    checkpoint_step,
-    complete_checkpoints,
-    resolve_checkpoint,
-)
+from lejepa_scale.checkpoint import checkpoint_step, complete_checkpoints, resolve_checkpoint
 from lejepa_scale.config import Config, ConfigError, from_yaml, load_config, to_yaml
+from lejepa_scale.metrics import configure_logging
+from lejepa_scale.preemption import EXIT_PREEMPTED, Preempted
 
 log = logging.getLogger("lejepa_scale.launch")
 
@@ -85,7 +81,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> str:
         from lejepa_scale.train import train  # the heavy imports happen in the job, not at submission
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+        configure_logging()
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = from_yaml(self.config_yaml)
         run_dir = Path(cfg.run.dir)
@@ -179,33 +175,46 @@ def check_launchable(cfg: Config, world_size: int, gpus_per_node: int) -> None:
             raise ConfigError(f"checkpoint.load_from: {e}") from e
 
 
-def slurm_executor(args: argparse.Namespace, cfg: Config, folder: Path) -> submitit.AutoExecutor:
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_timeouts)
-    extra = {"requeue": True, "open-mode": "append"}
+class SbatchPreview(submitit.SlurmExecutor):
+    """A SlurmExecutor that is only asked for its sbatch text, so it needs no SLURM on this machine
+    (a dry run on a laptop or a CI box)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def slurm_executor(
+    args: argparse.Namespace,
+    cfg: Config,
+    folder: Path,
+    kind: type[submitit.SlurmExecutor] = submitit.SlurmExecutor,
+) -> submitit.SlurmExecutor:
+    executor = kind(folder=folder, max_num_timeout=args.max_timeouts)
     executor.update_parameters(
-        name=cfg.run.name,
+        job_name=cfg.run.name,
         nodes=args.nodes,
-        tasks_per_node=args.tasks_per_node,
+        ntasks_per_node=args.tasks_per_node,
         gpus_per_node=args.gpus_per_node or None,
         cpus_per_task=args.cpus_per_task,
-        mem_gb=args.mem_gb,
-        timeout_min=parse_time(args.time),
-        slurm_signal_delay_s=args.signal_delay,
-        slurm_partition=args.partition,
-        slurm_account=args.account,
-        slurm_qos=args.qos,
-        slurm_constraint=args.constraint,
-        slurm_exclude=args.exclude,
-        slurm_additional_parameters=extra,
+        mem=f"{args.mem_gb}GB" if args.mem_gb is not None else None,
+        time=parse_time(args.time),
+        signal_delay_s=args.signal_delay,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        exclude=args.exclude,
+        additional_parameters={"requeue": True, "open-mode": "append"},
     )
     return executor
 
 
 def sbatch_script(args: argparse.Namespace, cfg: Config, folder: Path) -> str:
-    """The sbatch file submitit would write, without touching the run dir."""
+    """The sbatch file submitit would write, without touching the run dir or needing SLURM."""
     with tempfile.TemporaryDirectory() as scratch:
-        inner = slurm_executor(args, cfg, Path(scratch))._executor
-        text = inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
+        executor = slurm_executor(args, cfg, Path(scratch), SbatchPreview)
+        text = executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
     return text.replace(scratch, str(folder))
 
 
@@ -237,7 +246,7 @@ def submit(args: argparse.Namespace) -> int:
         print(sbatch_script(args, cfg, folder), end="")
         return 0
     if shutil.which("sbatch") is None:
-        raise SystemExit("sbatch not found: run this on a SLURM login node, or use --local N / --dry-run")
+        raise ConfigError("sbatch not found: run this on a SLURM login node, or use --local N / --dry-run")
     run_dir.mkdir(parents=True, exist_ok=True)
     job = slurm_executor(args, cfg, folder).submit(TrainJob(to_yaml(cfg), args.max_retries))
     record(run_dir, "submitted", job_id=job.job_id, nodes=args.nodes, tasks_per_node=args.tasks_per_node,

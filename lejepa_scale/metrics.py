@@ -1,4 +1,4 @@
-"""Training metrics: a console progress bar, `metrics.jsonl` in the run directory, and wandb.
+"""Training metrics: a console progress bar (or log lines), `metrics.jsonl` in the run directory, wandb.
 
 wandb runs online when an API key is configured and offline otherwise (clusters without internet);
 its run id lives in `<run_dir>/wandb_run_id` and in every checkpoint, so a requeued job keeps
@@ -11,11 +11,17 @@ import json
 import logging
 import netrc
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from tqdm import tqdm
+
+from lejepa_scale.health import collapse_alarm, embedding_health
+from lejepa_scale.objective import LossParts
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +56,11 @@ def wandb_run_id(run_dir: Path, known: str | None) -> str:
 
 
 class MetricsLogger:
-    """Writes one JSON line per logged step to `<run_dir>/metrics.jsonl`, mirrors it to wandb, and
-    shows a progress bar with ETA, the loss parts and throughput. Only the process with
-    `enabled=True` writes."""
+    """Turns a logged step's values into metrics (averaged over ranks, throughput, scaled loss,
+    embedding health) and writes them: one JSON line per logged step to `<run_dir>/metrics.jsonl`,
+    wandb, and the console (a progress bar on a terminal; a log line per logged step in redirected
+    output such as SLURM logs). Only the process with `enabled=True` writes; every rank calls
+    `log_step` (the average over ranks is a collective). It takes values, not the config."""
 
     def __init__(
         self,
@@ -61,6 +69,13 @@ class MetricsLogger:
         *,
         start_step: int = 0,
         enabled: bool = True,
+        batch_size: int,
+        world_size: int,
+        device: torch.device,
+        flops_per_step: float | None = None,
+        lam: float,
+        alpha: float = 0.4,
+        alarm_after: int = 0,
         wandb_setting: str = "disabled",
         run_id: str | None = None,
         project: str = "lejepa",
@@ -68,7 +83,10 @@ class MetricsLogger:
         name: str | None = None,
         config: dict | None = None,
     ):
-        self.enabled = enabled
+        self.enabled, self.total_steps = enabled, total_steps
+        self.batch_size, self.world_size, self.device = batch_size, world_size, device
+        self.flops_per_step, self.peak = flops_per_step, peak_tflops(device)
+        self.lam, self.alpha, self.alarm_after = lam, alpha, alarm_after
         self.run_id = run_id
         self.wandb_run = None
         path = run_dir / "metrics.jsonl"
@@ -76,8 +94,13 @@ class MetricsLogger:
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step]
             path.write_text("".join(f"{line}\n" for line in kept))
         self.file = open(path, "a") if enabled else None  # noqa: SIM115
+        self.interactive = sys.stderr.isatty()
         self.bar = tqdm(
-            total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True, unit="step"
+            total=total_steps,
+            initial=start_step,
+            disable=not (enabled and self.interactive),
+            dynamic_ncols=True,
+            unit="step",
         )
         self.start = time.perf_counter()
         mode = wandb_mode(wandb_setting)
@@ -102,6 +125,33 @@ class MetricsLogger:
                     Path(self.wandb_run.dir).parent,
                 )
 
+    def log_step(
+        self,
+        step: int,
+        *,
+        loss: LossParts,
+        lr: float,
+        grad_norm: torch.Tensor,
+        seconds: float,
+        data_seconds: float,
+        counters: dict[str, float | torch.Tensor],
+        embeddings: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> None:
+        """The metrics of one step: loss parts and `counters` (e.g. probe accuracy, corrupt samples)
+        averaged over ranks, lr, grad norm, throughput; with `embeddings` (global, local), their health."""
+        values = {"loss": loss.total, "pred": loss.prediction, "sigreg": loss.sigreg, "grad_norm": grad_norm}
+        metrics = mean_over_ranks({**values, "data_wait": data_seconds / seconds, **counters}, self.device)
+        metrics.update(scaled_loss=scaled_loss(metrics["loss"], self.lam, self.alpha), lr=lr)
+        metrics.update(throughput(seconds, self.batch_size, self.world_size, self.device, self.flops_per_step,
+                                  self.peak))  # fmt: skip
+        if embeddings is not None:
+            global_batch = self.batch_size * self.world_size
+            metrics.update(embedding_health(*embeddings, loss.sigreg_per_view, global_batch))
+            alarm = collapse_alarm(metrics)
+            if alarm and step >= self.alarm_after and self.enabled:
+                log.warning("step %d: %s", step, alarm)
+        self.log(step, metrics)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -110,8 +160,11 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
-        shown = {k: metrics[k] for k in SHOWN if k in metrics}
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        shown = {k: f"{metrics[k]:.4g}" for k in SHOWN if k in metrics}
+        if self.interactive:
+            self.bar.set_postfix(shown, refresh=False)
+        else:
+            log.info("step %d/%d %s", step, self.total_steps, " ".join(f"{k}={v}" for k, v in shown.items()))
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
@@ -125,6 +178,18 @@ class MetricsLogger:
             self.wandb_run = None
 
 
+def mean_over_ranks(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Average scalars over ranks (each rank's prediction loss is its local batch's; values equal on
+    every rank, like the grad norm, stay what they are) in one collective and one host read."""
+    packed = torch.stack(
+        [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values.values()]
+    )
+    if dist.is_initialized():
+        dist.all_reduce(packed)
+        packed /= dist.get_world_size()
+    return dict(zip(values, packed.tolist(), strict=True))
+
+
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 
 
@@ -132,26 +197,12 @@ def peak_tflops(device) -> float | None:
     """Dense bf16 peak of a known GPU (for MFU); None on CPUs and unknown GPUs."""
     if device.type != "cuda":
         return None
-    import torch
-
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def step_flops(cfg) -> float | None:
-    """Model FLOPs of one training step on one rank (the planner's ViT count); None for non-ViTs."""
-    from lejepa_scale.plan import flops_per_sample, model_shape
-
-    try:
-        return flops_per_sample(model_shape(cfg), cfg) * cfg.train.batch_size
-    except SystemExit:
-        return None
-
-
 def peak_memory_gib(device) -> float:
     """Peak allocated GPU memory, or the process's peak resident memory on CPU."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
@@ -174,6 +225,11 @@ def throughput(
     return out
 
 
-def scaled_loss(loss: float, cfg) -> float:
+def scaled_loss(loss: float, lam: float, alpha: float) -> float:
     """loss / lam**alpha: the paper's label-free signal that tracks linear-probe accuracy across runs."""
-    return loss / cfg.loss.lam**cfg.log.alpha if cfg.loss.lam > 0 else float("nan")
+    return loss / lam**alpha if lam > 0 else float("nan")
+
+
+def configure_logging() -> None:
+    """The console format of every entry point (train, launch jobs, evaluate, demo)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)

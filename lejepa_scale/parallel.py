@@ -14,7 +14,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -149,3 +153,8 @@ def _broadcast_buffers(model: nn.Module, reference: nn.Module | None) -> None:
         if reference is not None:
             buffer.copy_(source[name.replace(wrapped, "").replace("_orig_mod.", "")])
         dist.broadcast(buffer, src=0)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded, wrapper-free state dict on rank 0 (empty elsewhere), on CPU."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lejepa_scale.build import build_model
 from lejepa_scale.config import Config, load_config
-from lejepa_scale.model import LeJEPAModel
 
 GiB = 2**30
 
@@ -48,17 +48,12 @@ class ModelShape:
 
 
 def model_shape(cfg: Config) -> ModelShape:
+    """The recipe's model, built on the meta device (no memory); ValueError if it is not a ViT."""
     with torch.device("meta"):
-        model = LeJEPAModel(
-            cfg.model.name,
-            img_size=cfg.views.global_size,
-            proj_hidden_dim=cfg.model.proj_hidden_dim,
-            proj_dim=cfg.model.proj_dim,
-            backbone_kwargs=dict(cfg.model.backbone_kwargs),
-        )
+        model = build_model(cfg)
     backbone = model.backbone
     if not hasattr(backbone, "blocks") or not hasattr(backbone.blocks[0], "mlp"):
-        raise SystemExit(
+        raise ValueError(
             f"the planner models ViT backbones (timm VisionTransformer); {cfg.model.name} is not one"
         )
     block = backbone.blocks[0]
@@ -121,6 +116,14 @@ def activation_bytes(
     )  # projector
     recompute = max(views * t for views, t in per_view) * batch * per_token if checkpointed else 0.0
     return saved, recompute
+
+
+def step_flops(cfg: Config) -> float | None:
+    """Model FLOPs of one training step on one rank (forward + backward); None for non-ViT models."""
+    try:
+        return flops_per_sample(model_shape(cfg), cfg) * cfg.train.batch_size
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -200,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.overrides)
     world = args.nodes * args.gpus_per_node
     shard = args.gpus_per_node if cfg.parallel.dp_replicate > 1 else world
-    shape = model_shape(cfg)
+    try:
+        shape = model_shape(cfg)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     plan = make_plan(
         shape,
         cfg,

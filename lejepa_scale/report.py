@@ -22,13 +22,16 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from data_pipeline.labelled import labelled_images  # noqa: E402
+from data_pipeline.views import normalize  # noqa: E402
 from lejepa_scale.health import COLLAPSE_PER_SAMPLE, GAUSSIAN_LEVEL  # noqa: E402
+from lejepa_scale.pretrained import load_run  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
-        raise SystemExit(f"{run_dir}: no metrics.jsonl (is it a run directory?)")
+        raise ValueError(f"{run_dir}: no metrics.jsonl (is it a run directory?)")
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -93,16 +96,13 @@ def training_plots(run_dir: Path, out: Path) -> list[Path]:
 @torch.no_grad()
 def pca_picture(run_dir: Path, out: Path, n_images: int) -> Path:
     """The first three principal components of the patch features of a few images, as RGB."""
-    from lejepa_scale.evaluate import labelled_images, load_backbone
-
-    backbone, cfg, _ = load_backbone(str(run_dir))
+    model, cfg, _ = load_run(run_dir)
+    backbone = model.backbone
     spec = cfg.data.source if cfg.data.source != "shards" else (cfg.data.val or cfg.data.train)
     size = cfg.views.global_size
     images, _ = next(labelled_images(spec, "val", size, 0, 1, limit=n_images))
     images = images[:n_images]
-    mean = torch.tensor(cfg.views.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.views.std).view(1, 3, 1, 1)
-    tokens = backbone.forward_features((images.float() / 255 - mean) / std)
+    tokens = backbone.forward_features(normalize(images, cfg.views.mean, cfg.views.std))
     patches = tokens[:, getattr(backbone, "num_prefix_tokens", 0) :]
     side = int(math.isqrt(patches.shape[1]))
     flat = patches.reshape(-1, patches.shape[-1])
@@ -135,7 +135,7 @@ def sweep_summary(run_dirs: list[Path], alpha: float) -> dict:
     for run_dir in run_dirs:
         evaluation = run_dir / "eval.json"
         if not evaluation.exists():
-            raise SystemExit(f"{run_dir}: no eval.json; run python -m lejepa_scale.evaluate on it first")
+            raise ValueError(f"{run_dir}: no eval.json; run python -m lejepa_scale.evaluate on it first")
         result = json.loads(evaluation.read_text())
         probe = "linear" if "linear" in result else "knn"
         lam = float(OmegaConf.load(run_dir / "config.yaml").loss.lam)
@@ -181,21 +181,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alpha", type=float, default=0.4, help="scaled loss = loss / lam**alpha")
     p.add_argument("--pca-images", type=int, default=6, help="images in the PCA picture (0: none)")
     args = p.parse_args(argv)
-    for run_dir in args.run_dirs:
+    try:
+        report(args.run_dirs, args.out, args.alpha, args.pca_images)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def report(run_dirs: list[Path], out_dir: Path, alpha: float, pca_images: int) -> None:
+    """Each run's plots in `<run>/report/`; the sweep plot in `out_dir` when 3+ runs have eval.json."""
+    for run_dir in run_dirs:
         out = run_dir / "report"
         out.mkdir(exist_ok=True)
         written = training_plots(run_dir, out)
-        if args.pca_images and (run_dir / "checkpoints").is_dir():
-            written.append(pca_picture(run_dir, out, args.pca_images))
+        if pca_images and (run_dir / "checkpoints").is_dir():
+            written.append(pca_picture(run_dir, out, pca_images))
         print(f"{run_dir}: " + ", ".join(p.name for p in written))
-    evaluated = [d for d in args.run_dirs if (d / "eval.json").exists()]
+    evaluated = [d for d in run_dirs if (d / "eval.json").exists()]
     if len(evaluated) >= 3:
-        args.out.mkdir(parents=True, exist_ok=True)
-        summary = sweep_summary(evaluated, args.alpha)
-        (args.out / "sweep.json").write_text(json.dumps(summary, indent=2))
-        path = sweep_plot(summary, args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = sweep_summary(evaluated, alpha)
+        (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2))
+        path = sweep_plot(summary, out_dir)
         print(
-            f"sweep of {len(evaluated)} runs: Spearman ρ(probe top-1, loss/λ^{args.alpha}) = "
+            f"sweep of {len(evaluated)} runs: Spearman ρ(probe top-1, loss/λ^{alpha}) = "
             f"{summary['spearman_scaled']:.3f}, ρ(probe top-1, loss) = {summary['spearman_raw']:.3f}; {path}"
         )
 

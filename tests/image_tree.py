@@ -61,7 +61,8 @@ def make_class_tree(
 
 
 def add_bad_files(class_dir: Path, elsewhere: Path) -> None:
-    """Every kind of bad input in BAD_FILES, plus a valid symlink to a file outside the tree."""
+    """Every kind of bad input in BAD_FILES, a file without an image suffix, and a valid symlink to a
+    file outside the tree."""
     good = photo_crops(1, seed=99)[0]
     data = jpeg_bytes(good)
     (class_dir / "corrupt_bytes.JPEG").write_bytes(np.random.default_rng(0).bytes(5000))
@@ -72,6 +73,7 @@ def add_bad_files(class_dir: Path, elsewhere: Path) -> None:
     good.convert("CMYK").save(class_dir / "cmyk.JPEG", format="JPEG")
     good.convert("L").save(class_dir / "gray.JPEG", format="JPEG")
     good.save(class_dir / "png_inside.JPEG", format="PNG")
+    (class_dir / "notes.txt").write_text("not an image by its name: listed as ignored\n")
     elsewhere.mkdir(parents=True, exist_ok=True)
     (elsewhere / "outside.JPEG").write_bytes(data)
     os.symlink(elsewhere / "outside.JPEG", class_dir / "linked.JPEG")

@@ -13,52 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from lejepa_scale.checkpoint import EXIT_PREEMPTED, CheckpointError, load_tensors
+from lejepa_scale.checkpoint import CheckpointError, load_tensors
+from lejepa_scale.preemption import EXIT_PREEMPTED
+from tests.helpers import ENV, ROOT, TINY, losses, run_train, train_command, weights
 
-ROOT = Path(__file__).parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-SMALL = [
-    "train.batch_size=16",
-    "train.log_every=1",
-    "loss.num_slices=64",
-    "optim.warmup_steps=2",
-    "model.backbone_kwargs={patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}",
-]
+SMALL = [*TINY, "train.log_every=1", "optim.warmup_steps=2"]
 
 
 def command(run_dir, nproc, *overrides):
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    return [
-        sys.executable,
-        *launcher,
-        "-m",
-        "lejepa_scale.train",
-        "--config",
-        str(ROOT / "configs/demo_cpu.yaml"),
-        f"run.dir={run_dir}",
-        *SMALL,
-        *overrides,
-    ]
+    return train_command(run_dir, *SMALL, *overrides, nproc=nproc)
 
 
 def run(run_dir, nproc, *overrides, check=True):
-    result = subprocess.run(
-        command(run_dir, nproc, *overrides), capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT
-    )
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def losses(run_dir):
-    return [
-        (r["step"], r["loss"])
-        for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
-    ]
-
-
-def weights(run_dir):
-    return torch.load(Path(run_dir) / "model.pt", weights_only=True)
+    return run_train(run_dir, *SMALL, *overrides, nproc=nproc, check=check, timeout=300)
 
 
 def wait_for(predicate, timeout=120):
@@ -138,7 +105,7 @@ def test_sigusr2_saves_at_the_next_step_boundary_and_exits_for_requeue(tmp_path)
 
 
 def test_retention_keeps_exactly_k_plus_the_permanent_ones(tmp_path):
-    run(
+    result = run(
         tmp_path,
         1,
         "train.steps=9",
@@ -148,6 +115,7 @@ def test_retention_keeps_exactly_k_plus_the_permanent_ones(tmp_path):
     )
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-00000004", "step-00000008", "step-00000009"]
+    assert "assuming the intent" not in result.stderr  # DCP's single-process warning: intended here
     run(tmp_path / "plain", 1, "train.steps=9", "checkpoint.every_steps=2", "checkpoint.keep_last=3")
     assert sorted(p.name for p in (tmp_path / "plain" / "checkpoints").iterdir()) == [
         "step-00000006",
@@ -196,20 +164,22 @@ def test_export_loads_into_timm_with_matching_outputs(tmp_path):
     import timm
     from safetensors.torch import load_file, safe_open
 
+    from lejepa_scale.build import build_model
     from lejepa_scale.config import load_config
-    from lejepa_scale.train import build_model
 
     run(tmp_path, 2, "train.steps=2", "checkpoint.every_steps=0")  # sharded over 2 ranks
     out = tmp_path / "backbone.safetensors"
-    result = subprocess.run(
-        [sys.executable, "-m", "lejepa_scale.checkpoint", "export", str(tmp_path), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    for module in ("lejepa_scale.pretrained", "lejepa_scale.checkpoint"):  # the second: the old name
+        result = subprocess.run(
+            [sys.executable, "-m", module, "export", str(tmp_path), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert "moved to `python -m lejepa_scale.pretrained export`" in result.stderr
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     backbone = timm.create_model(

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lejepa_scale.config import ConfigError, load_config
+from lejepa_scale.config import ConfigError, from_yaml, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -49,3 +49,33 @@ def test_overrides_win_over_recipe_and_types_are_kept():
 def test_every_recipe_loads(recipe):
     cfg = load_config(recipe)
     assert cfg.run.dir and cfg.model.name
+
+
+def test_renamed_keys_name_their_new_place(tmp_path):
+    with pytest.raises(ConfigError, match=r"views\.blur_p is now views\.photometric\.blur_p"):
+        load_config("configs/demo_cpu.yaml", ["run.dir=x", "views.blur_p=0.1"])
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("run: {dir: x}\nviews: {hue: 0.0, n_local: 2}\n")
+    with pytest.raises(ConfigError, match=r"views\.hue is now views\.photometric\.hue"):
+        load_config(recipe)
+    assert load_config(None, ["run.dir=x", "views.photometric.blur_p=0.1"]).views.photometric.blur_p == 0.1
+
+
+def test_configs_saved_before_the_rename_still_load():
+    """Run dirs and checkpoints keep the config they were written with."""
+    saved = "run:\n  dir: x\nviews:\n  blur_p: 0.25\n  flip_p: 0.4\n"
+    cfg = from_yaml(saved)
+    assert cfg.views.photometric.blur_p == 0.25 and cfg.views.flip_p == 0.4
+
+
+def test_shards_with_a_built_in_source_is_an_error_naming_data_source():
+    with pytest.raises(ConfigError, match=r"data\.source .*set data\.source=shards"):
+        load_config("configs/demo_cpu.yaml", ["run.dir=x", "data.train=/data/shards"])
+
+
+def test_a_dict_override_replaces_the_recipes_dict():
+    resnet = ["run.dir=x", "model.name=resnet10t", "model.backbone_kwargs={}"]
+    cfg = load_config("configs/demo_cpu.yaml", resnet)
+    assert cfg.model.backbone_kwargs == {}
+    cfg = load_config("configs/demo_cpu.yaml", ["run.dir=x", "model.backbone_kwargs.depth=2"])
+    assert cfg.model.backbone_kwargs == {"patch_size": 4, "embed_dim": 128, "depth": 2, "num_heads": 4}

@@ -54,6 +54,8 @@ def test_imagenet_train_with_bad_inputs(imagenet, tmp_path):
     assert set(skipped) == {n for n, what in BAD_FILES.items() if what == "skip"}
     assert set(reencoded) == {n for n, what in BAD_FILES.items() if what == "reencode"}
     assert skipped["dangling.JPEG"] == "dangling symlink" and skipped["empty.JPEG"] == "zero-byte file"
+    ignored = manifest["ignored"]
+    assert ignored["count"] == 1 and ignored["paths"][0].endswith("n00001001/notes.txt")
     # 24 good + 3 re-encoded + 1 symlink to a file outside the tree
     assert manifest["num_samples"] == 28 == sum(s["count"] for s in manifest["shards"])
     assert manifest["class_counts"] == {wnids[0]: 6, wnids[1]: 10, wnids[2]: 6, wnids[3]: 6}

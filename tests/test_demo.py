@@ -33,6 +33,9 @@ def test_short_demo_run_completes_and_writes_metrics(tmp_path):
         assert 0.0 <= probe[name]["top1"] <= probe[name]["top5"] <= 1.0
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "model.pt").exists()
     assert "pretraining gain over random init" in result.stdout
+    table = result.stdout.split("Linear probe on frozen features")[1].splitlines()
+    rows = [line for line in table if " : " in line]
+    assert len(rows) == 5 and len({row.index(" : ") for row in rows}) == 1  # one aligned column
 
 
 def test_config_typo_fails_before_training(tmp_path):

@@ -2,10 +2,8 @@
 folders vs shards, few-shot, and extraction split over real gloo ranks."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,22 +12,13 @@ import torch
 from data_pipeline import convert
 from lejepa_scale import evaluate
 from lejepa_scale.evaluate import few_shot, knn_classify
+from lejepa_scale.pretrained import load_run
+from tests.helpers import ENV, TINY, run_train
 from tests.image_tree import make_class_tree
-
-ROOT = Path(__file__).parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def train(run_dir, *overrides):
-    command = [sys.executable, "-m", "lejepa_scale.train", "--config", str(ROOT / "configs/demo_cpu.yaml")]
-    result = subprocess.run(
-        [*command, f"run.dir={run_dir}", "checkpoint.every_steps=0", *overrides],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_train(run_dir, "checkpoint.every_steps=0", *overrides)
 
 
 def run_evaluate(*args):
@@ -40,8 +29,7 @@ def run_evaluate(*args):
 def tiny_run(tmp_path_factory):
     """A 4-step run of a 0.4M-parameter ViT: a checkpoint to evaluate quickly."""
     run_dir = tmp_path_factory.mktemp("tiny")
-    train(run_dir, "train.steps=4", "train.batch_size=16", "loss.num_slices=64",
-          "model.backbone_kwargs={patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}")  # fmt: skip
+    train(run_dir, "train.steps=4", *TINY)
     return run_dir
 
 
@@ -106,7 +94,7 @@ def test_folders_and_shards_give_the_same_features(tiny_run, images, tmp_path):
 def test_feature_kinds_and_few_shot(tiny_run, images, tmp_path):
     data = images / "folder"
     for feature, dim in (("cls", 64), ("cls2", 128), ("mean", 64)):
-        backbone, _, _ = evaluate.load_backbone(str(tiny_run))
+        backbone = load_run(tiny_run)[0].backbone
         assert evaluate.feature_fn(backbone, feature)(torch.randn(2, 3, 24, 24)).shape == (2, dim)
     out = tmp_path / "few.json"
     run_evaluate("--checkpoint", tiny_run, "--train", data, "--val", data, "--shots", 2, "--feature", "cls2",

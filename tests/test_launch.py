@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from lejepa_scale.launch import main, parse_time
+from tests.helpers import ENV, ROOT, TINY_VIT, losses
 
-ROOT = Path(__file__).parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 STEPS = 80
 TINY = [
     f"train.steps={STEPS}",
@@ -29,7 +28,7 @@ TINY = [
     "checkpoint.every_steps=10",
     "loss.num_slices=64",
     "optim.warmup_steps=2",
-    "model.backbone_kwargs={patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}",
+    TINY_VIT,
 ]
 CPU_JOB = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "60"]
 
@@ -104,12 +103,6 @@ def logged_steps(run_dir):
 def events(run_dir, kind=None):
     lines = (Path(run_dir) / "launch.jsonl").read_text().splitlines()
     return [e for e in map(json.loads, lines) if kind is None or e["event"] == kind]
-
-
-def losses(run_dir):
-    return [
-        (r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    ]
 
 
 def assert_same_training(run_dir, reference):
@@ -231,6 +224,7 @@ def test_config_error_fails_before_anything_is_queued(slurm, tmp_path):
         ("train.stpes=3", "Did you mean: 'steps'?"),
         ("parallel.dp_replicate=3", "must divide the world size 2"),
         ("data.source=shards", "data.train"),
+        (f"data.train={tmp_path}/shards", "data.source"),
     ]:
         result = launch(
             "--config", ROOT / "configs/demo_cpu.yaml", *CPU_JOB, f"run.dir={tmp_path}/r", typo, check=False
@@ -240,14 +234,20 @@ def test_config_error_fails_before_anything_is_queued(slurm, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_dry_run_for_16_nodes_prints_the_sbatch_script(tmp_path):
+def test_dry_run_for_16_nodes_prints_the_sbatch_script_without_slurm(tmp_path):
+    """On a laptop or CI box without SLURM (no srun on PATH), the real command line."""
     shard = tmp_path / "train-000000.tar"
     shard.touch()
-    out = launch(
+    args = [
         "--config", ROOT / "configs/vit_g14_in1k_16nodes.yaml", "--nodes", "16", "--partition", "learn",
         "--account", "ssl", "--qos", "high", "--constraint", "h100", "--exclude", "node[001-004]",
         "--time", "3-00:00:00", "--dry-run", f"run.dir={tmp_path}/run", f"data.train={shard}",
-    ).stdout  # fmt: skip
+    ]  # fmt: skip
+    no_slurm = {**ENV, "PATH": str(Path(sys.executable).parent)}
+    command = [sys.executable, "-m", "lejepa_scale.launch", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=no_slurm, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
     expected = [
         "--nodes=16", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--partition=learn",
         "--account=ssl", "--qos=high", "--constraint=h100", "--exclude=node[001-004]", "--time=4320",

@@ -2,10 +2,6 @@
 embedding-health signal against its Gaussian and collapse reference levels."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,31 +10,15 @@ from lejepa_scale.health import collapse_alarm, effective_rank, embedding_health
 from lejepa_scale.metrics import wandb_mode
 from lejepa_scale.objective import LeJEPALoss
 from lejepa_scale.sigreg import SIGReg
+from tests.helpers import ENV, TINY, metrics, run_train
 
-ROOT = Path(__file__).parent.parent
-TINY = [
-    "train.batch_size=16",
-    "train.log_every=1",
-    "log.health_every=2",
-    "loss.num_slices=64",
-    "checkpoint.every_steps=2",
-    "model.backbone_kwargs={patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}",
-]
+LOGGED = [*TINY, "train.log_every=1", "log.health_every=2", "checkpoint.every_steps=2"]
 
 
-def train(run_dir, *overrides, env_extra=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
-    env.update(OMP_NUM_THREADS="1", HOME=str(run_dir.parent), **(env_extra or {}))  # HOME: no netrc key
-    command = [sys.executable, "-m", "lejepa_scale.train", "--config", str(ROOT / "configs/demo_cpu.yaml")]
-    result = subprocess.run(
-        [*command, f"run.dir={run_dir}", *TINY, *overrides],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def train(run_dir, *overrides):
+    env = {k: v for k, v in ENV.items() if not k.startswith("WANDB")}
+    env.update(HOME=str(run_dir.parent))  # no netrc key: wandb runs offline
+    return run_train(run_dir, *LOGGED, *overrides, env=env, timeout=300)
 
 
 def test_wandb_offline_run_and_a_resume_that_continues_the_same_run(tmp_path):
@@ -69,13 +49,14 @@ def test_wandb_offline_run_and_a_resume_that_continues_the_same_run(tmp_path):
     segments = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(segments) == 2 and all(s.name.endswith(f"-{run_id}") for s in segments)
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(6))
+    assert [r["step"] for r in metrics(run_dir)] == list(range(6))
 
 
 def test_every_step_metrics_and_health_are_logged(tmp_path):
-    train(tmp_path, "train.steps=3", "log.wandb=disabled")
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    result = train(tmp_path, "train.steps=3", "log.wandb=disabled")
+    records = metrics(tmp_path)
+    # redirected output (a SLURM log, `> file`): a line per logged step, no progress-bar redraws
+    assert "\r" not in result.stderr and "step 2/3 loss=" in result.stderr
     for key in ("loss", "pred", "sigreg", "scaled_loss", "lr", "grad_norm", "img_per_s", "img_per_s_per_rank",
                 "data_wait", "peak_mem_gib"):  # fmt: skip
         assert all(key in r for r in records), key

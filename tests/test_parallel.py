@@ -11,19 +11,13 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
+from lejepa_scale.build import build_loss, build_model, build_optimizer, build_parallel_model, build_scheduler
 from lejepa_scale.config import load_config
 from lejepa_scale.model import LeJEPAModel
-from lejepa_scale.parallel import DistEnv, init_distributed, parallelize
-from lejepa_scale.train import (
-    build_loss,
-    build_model,
-    build_optimizer,
-    build_parallel_model,
-    full_state_dict,
-    train_step,
-    warmup_cosine,
-)
+from lejepa_scale.parallel import DistEnv, full_state_dict, init_distributed, parallelize
+from lejepa_scale.step import train_step
 from tests.distributed import run_ranks
+from tests.helpers import metrics, run_train
 
 PER_RANK, STEPS = 4, 3
 
@@ -66,15 +60,15 @@ def global_batches(world_size):
 def run_training(cfg, model, rank, world_size):
     loss_fn = build_loss(cfg)
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    scheduler = build_scheduler(optimizer, cfg)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     losses = []
     model.train()
     for step, views in enumerate(global_batches(world_size)):
         mine = views if rank is None else [v[:, rank * PER_RANK : (rank + 1) * PER_RANK] for v in views]
-        parts, _, _, _, applied = train_step(model, loss_fn, optimizer, scheduler, mine, step, autocast)
-        assert applied
-        losses.append(parts.total.item())
+        result = train_step(model, loss_fn, optimizer, scheduler, mine, step, autocast)
+        assert result.applied
+        losses.append(result.loss.total.item())
     return losses, full_state_dict(model)
 
 
@@ -191,33 +185,10 @@ def test_parallel_config_errors_name_the_key(bad):
 
 def test_trainer_under_torchrun_with_two_ranks(tmp_path):
     """The real entry point: torchrun, gloo, the demo recipe; only rank 0 writes."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "lejepa_scale.train",
-        "--config",
-        "configs/demo_cpu.yaml",
-        f"run.dir={tmp_path}",
-        "train.steps=3",
-        "train.batch_size=16",
-        "train.log_every=1",
-        "loss.num_slices=64",
-        "parallel.activation_checkpointing=full",
-    ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    overrides = ["train.steps=3", "train.batch_size=16", "train.log_every=1", "loss.num_slices=64",
+                 "parallel.activation_checkpointing=full"]  # fmt: skip
+    run_train(tmp_path, *overrides, nproc=2, timeout=300)
+    records = metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2]  # one writer
     assert records[0]["img_per_s"] == pytest.approx(2 * records[0]["img_per_s_per_rank"])
     cfg = load_config("configs/demo_cpu.yaml", [f"run.dir={tmp_path}"])

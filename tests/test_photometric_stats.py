@@ -15,13 +15,14 @@ from torchvision.transforms import v2
 from data_pipeline.views import Photometric, PhotometricSpec, _rgb_to_hsv, blur_kernel_size
 
 N = 1500
-OFF = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+OFF = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
 NO_JITTER = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
 
 
-def ours(image: torch.Tensor, **spec) -> torch.Tensor:
+def ours(image: torch.Tensor, mean=(0, 0, 0), std=(1, 1, 1), **spec) -> torch.Tensor:
     batch = image.expand(N, -1, -1, -1).contiguous()
-    return Photometric(PhotometricSpec(**{**OFF, **spec}))(batch, torch.Generator().manual_seed(0))
+    stage = Photometric(PhotometricSpec(**{**OFF, **spec}), mean=mean, std=std)
+    return stage(batch, torch.Generator().manual_seed(0))
 
 
 def reference(image: torch.Tensor, transform) -> torch.Tensor:

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
+from lejepa_scale.build import build_loss, build_model, build_optimizer, build_scheduler
 from lejepa_scale.config import load_config
 from lejepa_scale.plan import flops_per_sample, largest_batch, main, make_plan, model_shape
-from lejepa_scale.train import build_loss, build_model, build_optimizer, warmup_cosine
 
 GiB = 2**30
 
@@ -38,7 +38,7 @@ def measure(cfg, ac: str):
     model = build_model(cfg)
     apply_activation_checkpointing(model, ac, cfg.parallel.ac_every)
     loss_fn, optimizer = build_loss(cfg), build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+    scheduler = build_scheduler(optimizer, cfg)
     b = cfg.train.batch_size
     views = [torch.randn(2, b, 3, 32, 32), torch.randn(4, b, 3, 16, 16)]
 

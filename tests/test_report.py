@@ -1,9 +1,6 @@
 """Report plots: real PNGs from a real run, and Spearman's ρ over a small synthetic sweep."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +8,7 @@ import pytest
 from PIL import Image
 
 from lejepa_scale import report
-
-ROOT = Path(__file__).parent.parent
+from tests.helpers import TINY, run_train
 
 
 def assert_real_png(path: Path) -> None:
@@ -24,12 +20,7 @@ def assert_real_png(path: Path) -> None:
 
 
 def test_report_of_a_run_writes_its_plots(tmp_path):
-    command = [sys.executable, "-m", "lejepa_scale.train", "--config", str(ROOT / "configs/demo_cpu.yaml")]
-    tiny_vit = "model.backbone_kwargs={patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}"
-    overrides = ["train.steps=6", "train.batch_size=16", "train.log_every=1", "log.health_every=2",
-                 "loss.num_slices=64", tiny_vit]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*command, f"run.dir={tmp_path}", *overrides], check=True, env=env, capture_output=True)
+    run_train(tmp_path, *TINY, "train.steps=6", "train.log_every=1", "log.health_every=2")
     report.main([str(tmp_path), "--pca-images", "4", "--out", str(tmp_path / "sweep")])
     names = ["losses", "scaled_loss", "health", "lr_throughput", "pca_patches"]
     for name in names:

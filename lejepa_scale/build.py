@@ -1,0 +1,151 @@
+"""The one place a Config becomes components: model (plain or FSDP2-sharded), loss, optimizer, LR
+schedule, data loader, photometric stage, online probe, checkpointer. Each function reads the config
+sections its component needs and nothing else; the components themselves take plain arguments."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from torch.distributed.checkpoint.stateful import Stateful
+
+from data_pipeline.builtin import load_builtin
+from data_pipeline.in_memory import InMemoryViews
+from data_pipeline.shards import resolve_classes, resolve_shards
+from data_pipeline.stream import ShardViews
+from data_pipeline.views import CropSpec, Photometric
+from lejepa_scale.checkpoint import Checkpointer
+from lejepa_scale.config import Config
+from lejepa_scale.model import LeJEPAModel
+from lejepa_scale.objective import LeJEPALoss
+from lejepa_scale.parallel import DistEnv, build_mesh, parallelize
+from lejepa_scale.probe import OnlineProbe
+from lejepa_scale.sigreg import SIGReg
+
+
+def build_model(cfg: Config) -> LeJEPAModel:
+    """The model, initialised from `run.seed` (so a 'random init' baseline is the same draw); the
+    process's own random stream is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        return LeJEPAModel(
+            cfg.model.name,
+            img_size=cfg.views.global_size,
+            proj_hidden_dim=cfg.model.proj_hidden_dim,
+            proj_dim=cfg.model.proj_dim,
+            drop_path=cfg.model.drop_path,
+            backbone_kwargs=dict(cfg.model.backbone_kwargs),
+        )
+
+
+def build_parallel_model(cfg: Config, env: DistEnv) -> LeJEPAModel:
+    """The model on this rank: FSDP2-sharded (HSDP with parallel.dp_replicate > 1) when
+    torch.distributed runs, plain otherwise; initialised as a single process would with run.seed."""
+    mesh = build_mesh(env, cfg.parallel.dp_replicate) if dist.is_initialized() else None
+    return parallelize(
+        lambda: build_model(cfg),
+        env,
+        mesh,
+        param_dtype=cfg.train.precision,
+        reduce_dtype=cfg.parallel.reduce_dtype,
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
+        ac_every=cfg.parallel.ac_every,
+        compile=cfg.parallel.compile,
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+    )
+
+
+def build_loss(cfg: Config) -> LeJEPALoss:
+    sigreg = SIGReg(
+        cfg.loss.num_slices,
+        t_max=cfg.loss.t_max,
+        knots=cfg.loss.knots,
+        integration=cfg.loss.integration,
+        unbiased=cfg.loss.unbiased,
+    )
+    return LeJEPALoss(cfg.loss.lam, sigreg)
+
+
+def build_optimizer(model: LeJEPAModel, cfg: Config) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases, norms, position embeddings and tokens."""
+    no_decay = {f"backbone.{name}" for name in getattr(model.backbone, "no_weight_decay", set)()}
+    groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over `optim.warmup_steps`, then cosine down to lr * `final_lr_ratio`."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.final_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def crop_specs(cfg: Config) -> list[CropSpec]:
+    """Global crops first, then local crops (none when views.n_local = 0)."""
+    v = cfg.views
+    specs = [CropSpec(v.n_global, v.global_size, v.global_scale)]
+    if v.n_local > 0:
+        specs.append(CropSpec(v.n_local, v.local_size, v.local_scale))
+    return specs
+
+
+def build_loader(cfg: Config, env: DistEnv) -> tuple[InMemoryViews | ShardViews, int | None]:
+    """This rank's stream of uint8 multi-crop batches, and the number of classes if labels exist."""
+    common = dict(
+        batch_size=cfg.train.batch_size,
+        crops=crop_specs(cfg),
+        flip_p=cfg.views.flip_p,
+        seed=cfg.run.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+    if cfg.data.source == "shards":
+        loader = ShardViews(
+            resolve_shards(cfg.data.train),
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            pin_memory=env.device.type == "cuda",
+            **common,
+        )
+        classes = resolve_classes(cfg.data.train)
+        return loader, len(classes) if classes else None
+    dataset = load_builtin(cfg.data.source, cfg.data.root)
+    return InMemoryViews(dataset.train_images, dataset.train_labels, **common), dataset.num_classes
+
+
+def build_photometric(cfg: Config) -> Photometric:
+    return Photometric(cfg.views.photometric, mean=cfg.views.mean, std=cfg.views.std)
+
+
+def build_probe(cfg: Config, feature_dim: int, num_classes: int | None, env: DistEnv) -> OnlineProbe | None:
+    """The online linear probe, when it is on and the data has labels."""
+    if not (cfg.train.online_probe and num_classes):
+        return None
+    return OnlineProbe(feature_dim, num_classes, env.device)
+
+
+def build_checkpointer(
+    cfg: Config, state: dict[str, Stateful], per_rank: dict[str, Stateful], meta: dict[str, Any]
+) -> Checkpointer:
+    c = cfg.checkpoint
+    return Checkpointer(
+        Path(cfg.run.dir) / "checkpoints",
+        state,
+        per_rank,
+        meta,
+        every_steps=c.every_steps,
+        every_minutes=c.every_minutes,
+        keep_last=c.keep_last,
+        keep_every=c.keep_every,
+        async_save=c.async_save,
+    )

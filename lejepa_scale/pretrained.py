@@ -1,0 +1,63 @@
+"""A run's backbone for others: load a checkpoint's model (for evaluation, plots, fine-tuning), and
+`python -m lejepa_scale.pretrained export RUN --out FILE` writes the backbone as one safetensors file
+that timm loads directly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lejepa_scale.build import build_model
+from lejepa_scale.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+from lejepa_scale.config import Config, from_yaml
+from lejepa_scale.model import LeJEPAModel
+
+
+def load_run(checkpoint: str | Path, random_init: bool = False) -> tuple[LeJEPAModel, Config, Path]:
+    """The model of a checkpoint (a run dir: its newest complete one), built from the config stored
+    in it, or the same architecture at its random initialisation; with the config and the step dir."""
+    step_dir = resolve_checkpoint(checkpoint)
+    cfg = from_yaml(read_meta(step_dir)["config"])
+    model = build_model(cfg)
+    if not random_init:
+        load_model_weights(step_dir, model)
+    return model.eval(), cfg, step_dir
+
+
+def export_backbone(checkpoint: str | Path, out: Path) -> Path:
+    """Write the backbone of a checkpoint as one safetensors file; returns the step dir it came from."""
+    from safetensors.torch import save_file
+
+    model, cfg, step_dir = load_run(checkpoint)
+    weights = {k: v.contiguous() for k, v in model.backbone.state_dict().items()}
+    save_file(
+        weights,
+        str(out),
+        metadata={
+            "timm_model": cfg.model.name,
+            "timm_kwargs": json.dumps({**dict(cfg.model.backbone_kwargs), "img_size": cfg.views.global_size}),
+            "checkpoint": str(step_dir),
+        },
+    )
+    return step_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m lejepa_scale.pretrained", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="consolidated backbone weights (safetensors) for timm")
+    export.add_argument("checkpoint", help="run dir (newest complete checkpoint) or a step dir")
+    export.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    step_dir = export_backbone(args.checkpoint, args.out)
+    print(
+        f"wrote {args.out} from {step_dir}; load it with timm.create_model(name, num_classes=0, ...) "
+        "and safetensors.torch.load_file (model name and kwargs are in the file's metadata)"
+    )
+
+
+if __name__ == "__main__":
+    main()
