@@ -57,17 +57,18 @@ def sample_crop_boxes(
     y0 = torch.floor(torch.rand(n, generator=gen) * (height - h + 1))
     x0 = torch.floor(torch.rand(n, generator=gen) * (width - w + 1))
 
+    # no try fits: a centre crop with the aspect clamped to `ratio` (branch-free: no host read)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
     fallback = first < 0
-    if fallback.any():
-        in_ratio = width / height
-        if in_ratio < ratio[0]:
-            fw, fh = width, round(width / ratio[0])
-        elif in_ratio > ratio[1]:
-            fw, fh = round(height * ratio[1]), height
-        else:
-            fw, fh = width, height
-        w[fallback], h[fallback] = float(fw), float(fh)
-        x0[fallback], y0[fallback] = float((width - fw) // 2), float((height - fh) // 2)
+    w, h = torch.where(fallback, float(fw), w), torch.where(fallback, float(fh), h)
+    x0 = torch.where(fallback, float((width - fw) // 2), x0)
+    y0 = torch.where(fallback, float((height - fh) // 2), y0)
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
 
@@ -100,7 +101,7 @@ class MultiCrop:
             boxes = sample_crop_boxes(spec.count * b, height, width, spec.scale, spec.ratio, gen)
             flip = torch.rand(spec.count * b, generator=gen) < self.flip_p
             views = crop_resize(images.repeat(spec.count, 1, 1, 1), boxes, spec.size)
-            views[flip] = views[flip].flip(-1)
+            views = torch.where(flip.view(-1, 1, 1, 1), views.flip(-1), views)
             out.append(views.unflatten(0, (spec.count, b)))
         return out
 
@@ -203,13 +204,13 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb((h + shift.view(-1, 1, 1)) % 1.0, s, v)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per sample, reflect padding (torchvision's border rule)."""
+def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Separable blur of each sample with its own 1-D kernel (B, k), reflect padding (torchvision's
+    border rule)."""
     b, c, height, width = x.shape
+    kernel_size = kernels.shape[1]
     radius = kernel_size // 2
-    offsets = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - radius
-    kernel = torch.exp(-offsets.square() / (2 * sigma.view(-1, 1).square()))
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, k)
+    kernel = kernels.repeat_interleave(c, 0)  # (B*C, k)
     y = F.pad(x.reshape(1, b * c, height, width), (radius,) * 4, mode="reflect")
     y = F.conv2d(y, kernel.view(b * c, 1, 1, kernel_size), groups=b * c)
     y = F.conv2d(y, kernel.view(b * c, 1, kernel_size, 1), groups=b * c)
@@ -222,11 +223,22 @@ def blur_kernel_size(size: int) -> int:
     return max(3, k if k % 2 else k + 1)
 
 
-class Photometric:
-    """Per-sample colour jitter (brightness, contrast, saturation, hue in a random order per call),
-    grayscale, Gaussian blur, solarize and normalisation of a batch of views on its own device.
+def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(B, kernel_size) normalised 1-D Gaussian kernels; sigma 0 gives the identity (a delta)."""
+    offsets = torch.arange(kernel_size, device=sigma.device, dtype=sigma.dtype) - kernel_size // 2
+    kernel = torch.exp(-offsets.square() / (2 * sigma.view(-1, 1).square().clamp_min(1e-12)))
+    return kernel / kernel.sum(1, keepdim=True)
 
-    Input: (..., 3, H, W) uint8 or float in [0, 1]; output: float32 normalised with `mean`/`std`."""
+
+class Photometric:
+    """Per-sample colour jitter (brightness, contrast, saturation, hue, in a random order per sample
+    as torchvision's ColorJitter), grayscale, Gaussian blur, solarize and normalisation of a batch of
+    views on its own device.
+
+    Branch-free: every parameter is drawn for the whole batch and applied with masks, so the stage
+    has no data-dependent shapes and never reads a device value on the host (the CPU can run ahead of
+    the GPU). Input: (..., 3, H, W) uint8 or float in [0, 1]; output: float32 normalised with
+    `mean`/`std`."""
 
     def __init__(
         self,
@@ -245,33 +257,33 @@ class Photometric:
         x = x.float().div_(255) if views.dtype == torch.uint8 else x.float().clone()
         n, dev = x.shape[0], x.device
 
-        def draw(lo: float, hi: float, size: int) -> torch.Tensor:
-            return torch.empty(size, device=dev).uniform_(lo, hi, generator=gen)
+        def draw(lo: float, hi: float) -> torch.Tensor:
+            return torch.empty(n, device=dev).uniform_(lo, hi, generator=gen).view(-1, 1, 1, 1)
 
         def chance(p: float) -> torch.Tensor:
-            return torch.rand(n, device=dev, generator=gen) < p
+            return (torch.rand(n, device=dev, generator=gen) < p).view(-1, 1, 1, 1)
 
         jitter = chance(s.jitter_p)
-        if jitter.any():
-            y, m = x[jitter], int(jitter.sum())
-            for op in torch.randperm(4, generator=gen, device=dev).tolist():
-                if op == 0 and s.brightness > 0:
-                    y = (y * draw(1 - s.brightness, 1 + s.brightness, m).view(-1, 1, 1, 1)).clamp_(0, 1)
-                elif op == 1 and s.contrast > 0:
-                    mean = grayscale(y).mean((-3, -2, -1), keepdim=True)
-                    y = _blend(y, mean, draw(1 - s.contrast, 1 + s.contrast, m).view(-1, 1, 1, 1))
-                elif op == 2 and s.saturation > 0:
-                    y = _blend(y, grayscale(y), draw(1 - s.saturation, 1 + s.saturation, m).view(-1, 1, 1, 1))
-                elif op == 3 and s.hue > 0:
-                    y = adjust_hue(y, draw(-s.hue, s.hue, m))
-            x[jitter] = y
-        gray = chance(s.grayscale_p)
-        x[gray] = grayscale(x[gray]).expand(-1, c, -1, -1)
-        blur = chance(s.blur_p)
-        if blur.any():
-            x[blur] = gaussian_blur(x[blur], draw(*s.blur_sigma, int(blur.sum())), blur_kernel_size(height))
-        solarize = chance(s.solarize_p).view(-1, 1, 1, 1) & (x >= s.solarize_threshold)
-        x = torch.where(solarize, 1 - x, x)
+        order = torch.rand(n, 4, device=dev, generator=gen).argsort(1)  # op applied at each slot
+        factors = [draw(1 - s.brightness, 1 + s.brightness), draw(1 - s.contrast, 1 + s.contrast),
+                   draw(1 - s.saturation, 1 + s.saturation), draw(-s.hue, s.hue)]  # fmt: skip
+        ops = [
+            (s.brightness, lambda y, f: (y * f).clamp_(0, 1)),
+            (s.contrast, lambda y, f: _blend(y, grayscale(y).mean((-3, -2, -1), keepdim=True), f)),
+            (s.saturation, lambda y, f: _blend(y, grayscale(y), f)),
+            (s.hue, lambda y, f: adjust_hue(y, f.flatten())),
+        ]
+        y = x
+        for slot in range(4):
+            at_slot = order[:, slot].view(-1, 1, 1, 1)
+            for op, ((strength, apply), factor) in enumerate(zip(ops, factors, strict=True)):
+                if strength > 0:  # a setting, not data: an op that is off costs nothing
+                    y = torch.where(at_slot == op, apply(y, factor), y)
+        x = torch.where(jitter, y, x)
+        x = torch.where(chance(s.grayscale_p), grayscale(x).expand(-1, c, -1, -1), x)
+        sigma = torch.where(chance(s.blur_p).flatten(), draw(*s.blur_sigma).flatten(), 0.0)
+        x = gaussian_blur(x, gaussian_kernels(sigma, blur_kernel_size(height)))
+        x = torch.where(chance(s.solarize_p) & (x >= s.solarize_threshold), 1 - x, x)
         return normalize(x, self.mean, self.std).reshape(*lead, c, height, width)
 
 

@@ -71,10 +71,11 @@ def build_loss(cfg: Config) -> LeJEPALoss:
 
 
 def build_optimizer(model: LeJEPAModel, cfg: Config) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases, norms, position embeddings and tokens."""
+    """Fused AdamW (one kernel per step, and it skips an update on the device when told the
+    gradient was not finite) without weight decay on biases, norms, position embeddings and tokens."""
     no_decay = {f"backbone.{name}" for name in getattr(model.backbone, "no_weight_decay", set)()}
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:

@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from lejepa_scale.collectives import all_true
+from lejepa_scale.collectives import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +219,10 @@ def checkpoint_step(path: Path) -> int:
 
 
 class Checkpointer:
-    """Saves `state` (DCP, sharded) and `per_rank` (JSON, one file per rank) every `every_steps` steps
-    and every `every_minutes` minutes (asynchronously when `async_save`, at most one save in flight),
-    finalises a save atomically once every rank has written it, keeps the newest `keep_last` (plus
+    """Saves `state` (DCP, sharded) and `per_rank` (JSON, one file per rank) when asked: the trainer
+    follows `due` (every `every_steps` steps) and `overdue` (every `every_minutes` minutes, once the
+    ranks agree). Asynchronously when `async_save`, at most one save in flight; a save is finalised
+    atomically once every rank has written it, keeps the newest `keep_last` (plus
     every `keep_every`-th step), and restores them. `meta` (a dict the caller may keep updating) goes
     into every checkpoint's meta.json."""
 
@@ -268,18 +269,22 @@ class Checkpointer:
     # -- saving ------------------------------------------------------------------------------------
 
     def due(self, step: int) -> bool:
-        """Whether to save after `step`. The step rule is the same on every rank; clocks are not, so
-        the time rule is agreed by all ranks (one tiny all-reduce, only when it is enabled)."""
-        if self.every_steps > 0 and step % self.every_steps == 0:
-            return True
-        if self.every_minutes <= 0:
-            return False
-        return not all_true(time.monotonic() - self.last_save_time < 60 * self.every_minutes)
+        """Whether the step rule asks for a save after `step` (the same answer on every rank)."""
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+    def overdue(self) -> bool:
+        """Whether this rank's clock says the time rule is due; clocks differ, so the trainer acts on
+        it only once the ranks agree (at a control step)."""
+        return self.every_minutes > 0 and time.monotonic() - self.last_save_time >= 60 * self.every_minutes
+
+    def busy(self) -> bool:
+        """Whether this rank is still writing the in-flight save (when no rank is, `finish` is quick)."""
+        return self.in_flight is not None and self.in_flight[1] is not None and not self.in_flight[1].done()
 
     def save(self, step: int, *, blocking: bool = False) -> None:
         self.finish()  # at most one save in flight
         models = [state for state in self.state.values() if isinstance(state, ModelState)]
-        if not all_true(all(model.finite() for model in models)):
+        if any_rank(not all(model.finite() for model in models))[0]:
             raise CheckpointError(f"refusing to save non-finite weights at step {step}")
         tensors = {name: state.state_dict() for name, state in self.state.items()}
         tmp = self.folder / f"step-{step:08d}.tmp"
@@ -309,11 +314,6 @@ class Checkpointer:
         if self.staging is not None:
             self.staging.result()
             self.staging = None
-
-    def poll(self) -> None:
-        """Finalise the in-flight save if every rank has finished writing it (cheap; call each step)."""
-        if self.in_flight is not None and all_true(self.in_flight[1] is None or self.in_flight[1].done()):
-            self.finish()
 
     def finish(self) -> None:
         """Wait for the in-flight save, then mark it complete (rename) and apply retention."""

@@ -46,14 +46,15 @@ def default_group() -> dist.ProcessGroup | None:
 _CONTROL_GROUP = None
 
 
-def all_true(flag: bool) -> bool:
-    """Whether `flag` holds on every rank, through a CPU (gloo) group of its own: works beside NCCL
-    and never interleaves with the collectives of a checkpoint being written in the background."""
+def any_rank(*flags: bool) -> list[bool]:
+    """For each flag, whether it holds on at least one rank: one packed all-reduce (MAX) through a
+    CPU (gloo) group of its own, so it never waits on the accelerator, works beside NCCL and never
+    interleaves with the collectives of a checkpoint being written in the background."""
     global _CONTROL_GROUP
     if not dist.is_initialized():
-        return flag
+        return list(flags)
     if _CONTROL_GROUP is None:  # created in lockstep: every rank reaches its first call together
         _CONTROL_GROUP = dist.new_group(backend="gloo")
-    t = torch.tensor([0 if flag else 1])
-    dist.all_reduce(t, group=_CONTROL_GROUP)
-    return int(t.item()) == 0
+    packed = torch.tensor([int(f) for f in flags])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return [bool(v) for v in packed.tolist()]

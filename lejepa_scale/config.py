@@ -80,6 +80,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     final_lr_ratio: float = 1e-3  # cosine decays to lr * final_lr_ratio
+    clip_grad: float = 0.0  # clip the global gradient norm to this (0: off; LeJEPA needs none)
 
 
 @dataclass
@@ -91,7 +92,9 @@ class TrainConfig:
     online_probe: bool = True  # linear probe on detached backbone features when labels exist
     log_every: int = 10
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    max_nonfinite_steps: int = 5  # consecutive NaN/Inf losses (updates skipped) before stopping
+    max_nonfinite_steps: int = 5  # consecutive NaN/Inf gradients (updates skipped) before stopping
+    control_every: int = 10  # steps between the ranks' agreements on preemption and time-based saves
+    sync_debug: bool = False  # CUDA: error on any host sync in a step that does not log
 
 
 @dataclass
@@ -109,10 +112,18 @@ class CheckpointConfig:
 class ParallelConfig:
     dp_replicate: int = 1  # HSDP: model replicas, e.g. one per node (1: FSDP over all ranks)
     reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype (params follow train.precision)
-    activation_checkpointing: str = "none"  # none | full | selective (every ac_every-th block)
+    activation_checkpointing: str = "none"  # none | full | selective (every ac_every-th block) | op
     ac_every: int = 2
     compile: bool = False  # torch.compile each block
     reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3) or keep (ZeRO-2)
+
+
+@dataclass
+class ProfileConfig:
+    enabled: bool = False  # chrome traces of real steps in <run.dir>/profile/step-N/rank-R.json
+    every: int = 100  # a trace every this many steps
+    warmup: int = 3  # profiled but discarded steps before each trace
+    active: int = 1  # steps in each trace
 
 
 @dataclass
@@ -147,6 +158,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -181,9 +193,16 @@ def _validate(cfg: Config) -> None:
         (cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1"),
         (cfg.parallel.reduce_dtype in ("bf16", "fp32"), "parallel.reduce_dtype", "must be 'bf16' or 'fp32'"),
         (
-            cfg.parallel.activation_checkpointing in ("none", "full", "selective"),
+            cfg.parallel.activation_checkpointing in ("none", "full", "selective", "op"),
             "parallel.activation_checkpointing",
-            "must be none, full or selective",
+            "must be none, full, selective (every ac_every-th block) or op (torchtitan's op-level SAC)",
+        ),
+        (cfg.optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0: no clipping)"),
+        (cfg.train.control_every >= 1, "train.control_every", "must be >= 1"),
+        (
+            cfg.profile.every >= cfg.profile.warmup + cfg.profile.active,
+            "profile.every",
+            "must be >= profile.warmup + profile.active",
         ),
         (cfg.parallel.ac_every >= 1, "parallel.ac_every", "must be >= 1"),
         (cfg.views.n_global >= 1, "views.n_global", "must be >= 1 (the centres come from global views)"),

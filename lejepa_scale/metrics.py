@@ -136,9 +136,10 @@ class MetricsLogger:
         data_seconds: float,
         counters: dict[str, float | torch.Tensor],
         embeddings: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-    ) -> None:
+    ) -> dict[str, float]:
         """The metrics of one step: loss parts and `counters` (e.g. probe accuracy, corrupt samples)
-        averaged over ranks, lr, grad norm, throughput; with `embeddings` (global, local), their health."""
+        averaged over ranks, lr, grad norm, throughput; with `embeddings` (global, local), their
+        health. Returns them on every rank."""
         values = {"loss": loss.total, "pred": loss.prediction, "sigreg": loss.sigreg, "grad_norm": grad_norm}
         metrics = mean_over_ranks({**values, "data_wait": data_seconds / seconds, **counters}, self.device)
         metrics.update(scaled_loss=scaled_loss(metrics["loss"], self.lam, self.alpha), lr=lr)
@@ -151,6 +152,7 @@ class MetricsLogger:
             if alarm and step >= self.alarm_after and self.enabled:
                 log.warning("step %d: %s", step, alarm)
         self.log(step, metrics)
+        return metrics
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -1,11 +1,15 @@
-"""A timm backbone plus LeJEPA's MLP projector, with one forward per crop resolution."""
+"""A timm backbone plus LeJEPA's MLP projector. In a timm ViT every block runs once per pass on the
+tokens of every crop size (global and local crops have different resolutions and cannot share a
+tensor), so FSDP2 gathers each block's parameters once per pass, not once per crop size."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from lejepa_scale.collectives import all_reduce_sum, default_group
@@ -29,6 +33,36 @@ def create_backbone(name: str, *, img_size: int, drop_path: float = 0.0, **kwarg
         )
     except TypeError:  # CNNs and other models that take any input size and no such arguments
         return timm.create_model(name, num_classes=0, drop_path_rate=drop_path, **kwargs)
+
+
+class EachInput:
+    """Mixin for a transformer block: called with a list of token tensors (one per crop size), the
+    block runs on each in turn within one module call. FSDP2's hooks fire per module call, so the
+    block's parameters are gathered once for all crop sizes in forward and once in backward."""
+
+    def forward(self, x, *args, **kwargs):
+        forward = super().forward
+        if isinstance(x, list | tuple):
+            return [forward(tokens, *args, **kwargs) for tokens in x]
+        return forward(x, *args, **kwargs)
+
+
+@cache
+def _each_input(cls: type[nn.Module]) -> type[nn.Module]:
+    return type(f"EachInput{cls.__name__}", (EachInput, cls), {})
+
+
+def takes_token_lists(backbone: nn.Module) -> bool:
+    """Whether `backbone` is a timm ViT whose feature path this module can run block by block: then
+    its blocks learn to take lists of token tensors (the class of each block instance changes, as
+    FSDP2's own fully_shard does; parameter names and checkpoints stay the same)."""
+    if not isinstance(backbone, VisionTransformer) or (
+        type(backbone).forward_features is not VisionTransformer.forward_features
+    ):
+        return False
+    for block in backbone.blocks:
+        block.__class__ = _each_input(type(block))
+    return True
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -69,8 +103,9 @@ def mlp_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 
 
 class LeJEPAModel(nn.Module):
-    """Backbone + projector. Global and local crops take separate backbone passes (their sizes differ);
-    the projector then sees all views' features at once, so its BatchNorm statistics span every view."""
+    """Backbone + projector. A timm ViT runs each block once on the tokens of every crop size; other
+    backbones (CNNs, ...) take one pass per crop size. The projector then sees all views' features
+    at once, so its BatchNorm statistics span every view."""
 
     def __init__(
         self,
@@ -87,6 +122,7 @@ class LeJEPAModel(nn.Module):
             name, img_size=img_size, drop_path=drop_path, **(backbone_kwargs or {})
         )
         self.projector = mlp_projector(self.backbone.num_features, proj_hidden_dim, proj_dim)
+        self.blocks_take_lists = takes_token_lists(self.backbone)
 
     @property
     def feature_dim(self) -> int:
@@ -96,12 +132,24 @@ class LeJEPAModel(nn.Module):
         """Pooled backbone feature for probes (CLS token, or mean of patch tokens without CLS)."""
         return self.backbone(images)
 
+    def encode(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Pooled backbone features of each batch of same-size crops, in one pass through the blocks
+        when the backbone allows it (timm's own ViT feature path, block by block)."""
+        b = self.backbone
+        if not self.blocks_take_lists:
+            return [b(x) for x in crops]
+        tokens = [b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(x)))) for x in crops]
+        for block in b.blocks:
+            tokens = block(tokens)
+        return [b.forward_head(b.norm(x)) for x in tokens]
+
     def forward(self, global_views: torch.Tensor, local_views: torch.Tensor | None = None) -> ModelOutput:
         """global_views: (Vg, B, C, H, W); local_views: (Vl, B, C, h, w) or None."""
         n_global, batch = global_views.shape[:2]
-        feats = [self.backbone(global_views.flatten(0, 1))]
-        if local_views is not None:
-            feats.append(self.backbone(local_views.flatten(0, 1)))
+        crops = [global_views.flatten(0, 1)] + (
+            [local_views.flatten(0, 1)] if local_views is not None else []
+        )
+        feats = self.encode(crops)
         z = self.projector(torch.cat(feats))
         # clones, not views: FSDP's backward hooks must not be bypassed by a later in-place op
         z_global, z_local = z[: n_global * batch], z[n_global * batch :]

@@ -98,11 +98,13 @@ def apply_compile(model: nn.Module) -> None:
 def apply_fsdp(
     model: nn.Module, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str, reshard: bool
 ) -> None:
-    """fully_shard each block, then the root (which holds embeddings, norms and the projector)."""
+    """fully_shard each block, then the root (which holds embeddings, norms and the projector). The
+    root keeps its parameters gathered from forward to backward: backward starts with it, so
+    resharding would only gather them again at once."""
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     for _, _, block in repeated_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
 def parallelize(

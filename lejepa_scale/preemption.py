@@ -1,11 +1,9 @@
-"""Preemption: SLURM's signals become a flag that every rank agrees on at a step boundary, and the
-exit code that asks for a requeue."""
+"""Preemption: SLURM's signals become a flag (the ranks agree on it at their next control step),
+and the exit code that asks for a requeue."""
 
 from __future__ import annotations
 
 import signal
-
-from lejepa_scale.collectives import all_true
 
 EXIT_PREEMPTED = 3  # the trainer saved and stopped on SIGTERM/SIGUSR1/SIGUSR2: requeue and resume
 
@@ -21,7 +19,7 @@ class Preempted(Exception):
 
 class PreemptionFlag:
     """SIGTERM, SIGUSR1 and SIGUSR2 (what SLURM sends before preemption or the time limit) only set
-    a flag; the trainer checks it at step boundaries, all ranks together."""
+    a flag; the trainer reads it at its control steps, all ranks together."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -32,6 +30,3 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
-
-    def any_rank(self) -> bool:
-        return not all_true(self.received is None)

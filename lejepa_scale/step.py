@@ -1,13 +1,18 @@
-"""One optimisation step: forward every crop size, the LeJEPA loss, backward, AdamW; what the
-accelerators execute, kept apart from the loop that feeds and logs it."""
+"""One optimisation step: forward every crop size, the LeJEPA loss, backward, gradient norm (and
+clipping), AdamW; what the accelerators execute, kept apart from the loop that feeds and logs it.
+
+Nothing here reads a device value on the host: a non-finite gradient skips the update on the
+device (fused AdamW's `found_inf`, as mixed-precision scaling uses it), so the CPU can queue the next
+step while this one runs.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torchtitan.distributed.utils import clip_grad_norm_
 
 from lejepa_scale.model import LeJEPAModel, ModelOutput
 from lejepa_scale.objective import LeJEPALoss, LossParts
@@ -15,11 +20,13 @@ from lejepa_scale.objective import LeJEPALoss, LossParts
 
 @dataclass
 class StepResult:
+    """Device tensors, read only when they are logged."""
+
     loss: LossParts
     output: ModelOutput
     lr: float  # the learning rate this step used
-    grad_norm: torch.Tensor  # of the whole gradient, before the update; read only when logged
-    applied: bool  # False when the loss was not finite on some rank: every rank skipped the update
+    grad_norm: torch.Tensor  # of the whole gradient, before clipping; the same on every rank
+    skipped: torch.Tensor  # 1.0 when the gradient was NaN/Inf somewhere: every rank skipped the update
 
 
 def train_step(
@@ -30,31 +37,34 @@ def train_step(
     views: list[torch.Tensor],
     step: int,
     autocast: torch.autocast,
+    *,
+    clip_grad: float = 0.0,
     before_update=None,
 ) -> StepResult:
     """Forward every crop size, the LeJEPA loss (SIGReg over the global batch), backward, AdamW.
-    A non-finite loss on any rank skips the update on every rank. `before_update` runs right before
-    parameters change (the checkpointer waits there for its background copy)."""
+    The gradient norm is global (one all-reduce), so a NaN/Inf anywhere makes it non-finite on every
+    rank and every rank skips the update. `clip_grad` > 0 clips to that norm. `before_update` runs
+    right before parameters change (the checkpointer waits there for its background copy)."""
     with autocast:
         out = model(views[0], views[1] if len(views) > 1 else None)
     parts = loss_fn(out.z_global, out.z_local, step)
     optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
-    norm = grad_norm(model)
+    norm = grad_norm(model, clip_grad)
+    skipped = (~torch.isfinite(norm)).float()
     lr = optimizer.param_groups[0]["lr"]
-    finite = torch.isfinite(parts.total.detach()).float()
-    if dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    applied = bool(finite.item())
     if before_update is not None:
         before_update()
-    if applied:
-        optimizer.step()
+    optimizer.found_inf = skipped  # read by fused AdamW on the device: no update, no step count
+    optimizer.step()
     scheduler.step()
-    return StepResult(parts, out, lr, norm, applied)
+    return StepResult(parts, out, lr, norm, skipped)
 
 
-def grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    """The L2 norm of the whole (unsharded) gradient; the same value on every rank."""
+def grad_norm(model: torch.nn.Module, clip: float = 0.0) -> torch.Tensor:
+    """The L2 norm of the whole (unsharded) gradient, the same on every rank; with `clip` > 0 the
+    gradient is scaled down to that norm (torchtitan's clip_grad_norm_, DTensor-aware)."""
+    if clip > 0:
+        return clip_grad_norm_(list(model.parameters()), clip)
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     return norm.full_tensor() if isinstance(norm, DTensor) else norm

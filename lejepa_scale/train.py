@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,12 +39,14 @@ from lejepa_scale.checkpoint import (
     load_model_weights,
     resolve_checkpoint,
 )
+from lejepa_scale.collectives import any_rank
 from lejepa_scale.config import Config, load_config, to_yaml
 from lejepa_scale.metrics import MetricsLogger, configure_logging
 from lejepa_scale.model import LeJEPAModel
 from lejepa_scale.parallel import DistEnv, full_state_dict, init_distributed
 from lejepa_scale.plan import step_flops
 from lejepa_scale.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
+from lejepa_scale.profiling import step_profiler
 from lejepa_scale.rng import RandomState
 from lejepa_scale.step import train_step
 
@@ -86,6 +89,34 @@ def resume(cfg: Config, env: DistEnv, checkpointer: Checkpointer, model, loader,
         return 0
     log.info("initialised from %s (full state)", source)
     return int(checkpointer.load(source)["step"])
+
+
+def stop_if_diverging(streak: float, cfg: Config, step: int, checkpointer: Checkpointer) -> None:
+    """Stop after `train.max_nonfinite_steps` skipped updates in a row (read on logging steps)."""
+    if streak >= cfg.train.max_nonfinite_steps:
+        checkpointer.finish()
+        raise FloatingPointError(
+            f"the gradient was NaN/Inf for {streak:.0f} consecutive steps (last: step {step}); their updates "
+            f"were skipped, so {checkpointer.latest()} holds the last good weights. "
+            "Lower optim.lr or check the data."
+        )
+
+
+def agree(step: int, preemption: PreemptionFlag, checkpointer: Checkpointer, logger: MetricsLogger) -> bool:
+    """A control step: one packed collective tells every rank whether any received a preemption
+    signal (then save and stop), whether any clock says a save is due (returned), and whether every
+    rank has written the background save (then complete it)."""
+    preempted, overdue, busy = any_rank(
+        preemption.received is not None, checkpointer.overdue(), checkpointer.busy()
+    )
+    if not busy:
+        checkpointer.finish()
+    if preempted:
+        checkpointer.save(step + 1, blocking=True)
+        logger.close()
+        signum = preemption.received or signal.SIGTERM  # the signal reached another rank
+        raise Preempted(f"signal {signum} at step {step}: checkpoint saved, exiting to be requeued", signum)
+    return overdue
 
 
 def train(cfg: Config) -> LeJEPAModel:
@@ -143,53 +174,43 @@ def train(cfg: Config) -> LeJEPAModel:
         run_meta["wandb_run_id"] = logger.run_id
 
     batches = iter(loader)
-    bad_steps = skipped = 0
+    skipped = streak = torch.zeros((), device=env.device)  # skipped updates: in all, and in a row
     model.train()
-    for step in range(start_step, cfg.train.steps):
-        t_start = time.perf_counter()
-        batch = next(batches)
-        t_data = time.perf_counter()
-        views = [photometric(v.to(env.device, non_blocking=True), augment_gen) for v in batch.views]
-        result = train_step(
-            model, loss_fn, optimizer, scheduler, views, step, autocast, checkpointer.wait_for_staging
-        )
-        bad_steps = 0 if result.applied else bad_steps + 1
-        skipped += 0 if result.applied else 1
-        if bad_steps >= cfg.train.max_nonfinite_steps:  # agreed by every rank (train_step all-reduces)
-            checkpointer.finish()
-            raise FloatingPointError(
-                f"the loss was NaN/Inf for {bad_steps} consecutive steps (last: step {step}); their updates "
-                f"were skipped, so {checkpointer.latest()} holds the last good weights. "
-                "Lower optim.lr or check the data."
-            )
-        counters = {"corrupt_samples": getattr(loader, "corrupt_total", 0), "skipped_nonfinite": skipped}
-        if probe is not None and batch.labels is not None:
-            labels = batch.labels.to(env.device).repeat(cfg.views.n_global)
-            features = result.output.features_global.flatten(0, 1)
-            counters["probe_loss"], counters["probe_acc"] = probe.step(features, labels)
-        logger.advance()
-        health = step % cfg.log.health_every == 0
-        if health or step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
-            logger.log_step(
-                step,
-                loss=result.loss,
-                lr=result.lr,
-                grad_norm=result.grad_norm,
-                seconds=time.perf_counter() - t_start,
-                data_seconds=t_data - t_start,
-                counters=counters,
-                embeddings=(result.output.z_global, result.output.z_local) if health else None,
-            )
-        checkpointer.poll()
-        if preemption.any_rank():
-            checkpointer.save(step + 1, blocking=True)
-            logger.close()
-            raise Preempted(
-                f"signal {preemption.received} at step {step}: checkpoint saved, exiting to be requeued",
-                preemption.received,
-            )
-        if step + 1 < cfg.train.steps and checkpointer.due(step + 1):
-            checkpointer.save(step + 1)
+    with step_profiler(cfg.profile, run_dir, env.rank, start_step) as profiler:
+        for step in range(start_step, cfg.train.steps):
+            last, health = step == cfg.train.steps - 1, step % cfg.log.health_every == 0
+            logged = health or step % cfg.train.log_every == 0 or last
+            if cfg.train.sync_debug and env.device.type == "cuda":  # a host sync outside logging: error
+                torch.cuda.set_sync_debug_mode(0 if logged else "error")
+            t_start = time.perf_counter()
+            batch = next(batches)
+            t_data = time.perf_counter()
+            views = [photometric(v.to(env.device, non_blocking=True), augment_gen) for v in batch.views]
+            result = train_step(
+                model, loss_fn, optimizer, scheduler, views, step, autocast,
+                clip_grad=cfg.optim.clip_grad, before_update=checkpointer.wait_for_staging,
+            )  # fmt: skip
+            skipped, streak = skipped + result.skipped, (streak + 1) * result.skipped
+            counters = {"skipped_nonfinite": skipped, "nonfinite_streak": streak,
+                        "corrupt_samples": getattr(loader, "corrupt_total", 0)}  # fmt: skip
+            if probe is not None and batch.labels is not None:
+                labels = batch.labels.to(env.device, non_blocking=True).repeat(cfg.views.n_global)
+                features = result.output.features_global.flatten(0, 1)
+                counters["probe_loss"], counters["probe_acc"] = probe.step(features, labels)
+            logger.advance()
+            profiler.step()
+            if logged:
+                out = result.output
+                metrics = logger.log_step(
+                    step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm, counters=counters,
+                    seconds=time.perf_counter() - t_start, data_seconds=t_data - t_start,
+                    embeddings=(out.z_global, out.z_local) if health else None,
+                )  # fmt: skip
+                stop_if_diverging(metrics["nonfinite_streak"], cfg, step, checkpointer)
+            control = (step + 1) % cfg.train.control_every == 0 or last
+            overdue = control and agree(step, preemption, checkpointer, logger)
+            if not last and (checkpointer.due(step + 1) or overdue):
+                checkpointer.save(step + 1)
     if start_step < cfg.train.steps or checkpointer.latest() is None:
         checkpointer.save(cfg.train.steps, blocking=True)
     logger.close()

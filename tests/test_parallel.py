@@ -67,7 +67,7 @@ def run_training(cfg, model, rank, world_size):
     for step, views in enumerate(global_batches(world_size)):
         mine = views if rank is None else [v[:, rank * PER_RANK : (rank + 1) * PER_RANK] for v in views]
         result = train_step(model, loss_fn, optimizer, scheduler, mine, step, autocast)
-        assert result.applied
+        assert not result.skipped
         losses.append(result.loss.total.item())
     return losses, full_state_dict(model)
 
