@@ -1,11 +1,11 @@
-"""CPU time of one LeJEPA training step, photometric stage included: ViT-S/16, 2 x 224 + 6 x 96 views,
-batch 16, fp32, one process.
+"""CPU time of one LeJEPA training step: ViT-S/16, 2 x 224 + 6 x 96 views, batch 16, fp32, one process.
 
 python benchmarks/cpu_step.py [--steps 5] [--threads 2]
 
-Prints the median step time and its photometric share. Run it from two checkouts (e.g. a
-`git worktree` of an older commit) in one session, alternating, to compare code versions on the
-same machine.
+Alternates, in one process, the model's two forward paths: every block once on both crop sizes
+(what timm ViTs take) and one backbone pass per crop size (what other backbones take), and times
+the photometric stage on the same batch. Medians over `--steps` steps each, after one warm-up step;
+in-process alternation because separate processes on a shared machine differ by up to 10%.
 """
 
 from __future__ import annotations
@@ -42,18 +42,22 @@ def main() -> None:
         torch.randint(0, 256, (2, 16, 3, 224, 224), dtype=torch.uint8, generator=gen),
         torch.randint(0, 256, (6, 16, 3, 96, 96), dtype=torch.uint8, generator=gen),
     ]
-    steps, photo = [], []
-    for step in range(args.steps + 1):
+    times: dict[bool, list[float]] = {True: [], False: []}
+    photo = []
+    for step in range(2 * args.steps + 2):
         start = time.perf_counter()
         views = [photometric(v, gen) for v in batch]
-        augmented = time.perf_counter()
+        photo.append(time.perf_counter() - start)
+        model.blocks_take_lists = one_call = step % 2 == 0
+        start = time.perf_counter()
         train_step(model, loss_fn, optimizer, scheduler, views, step, autocast)
-        if step:  # the first step warms up allocators and caches
-            steps.append(time.perf_counter() - start)
-            photo.append(augmented - start)
-    step_s, photo_s = statistics.median(steps), statistics.median(photo)
-    name = "ViT-S/16 CPU step (batch 16, 2x224 + 6x96)"
-    print(f"| {name} | {step_s:.2f} s | photometric {photo_s * 1e3:.0f} ms |")
+        if step >= 2:  # the first two steps warm up allocators and caches
+            times[one_call].append(time.perf_counter() - start)
+    one, per_size = statistics.median(times[True]), statistics.median(times[False])
+    print("| forward | step (photometric excluded) | photometric stage |")
+    print("|---|---|---|")
+    print(f"| every block once on both crop sizes | {one:.2f} s | {statistics.median(photo) * 1e3:.0f} ms |")
+    print(f"| one backbone pass per crop size | {per_size:.2f} s (ratio {one / per_size:.3f}) | |")
 
 
 if __name__ == "__main__":

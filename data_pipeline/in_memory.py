@@ -29,12 +29,13 @@ class InMemoryViews:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        pin_memory: bool = False,
     ):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.images, self.labels = images, labels
         self.batch_size, self.crops, self.seed = batch_size, MultiCrop(crops, flip_p), seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self.batches_per_epoch = len(images) // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -66,5 +67,9 @@ class InMemoryViews:
                 )
                 self.batch += 1
                 views = [v.expand(-1, -1, 3, -1, -1) for v in self.crops(self.images[idx], gen)]
-                yield ViewBatch(views=views, labels=None if self.labels is None else self.labels[idx])
+                labels = None if self.labels is None else self.labels[idx]
+                if self.pin_memory:  # page-locked: the copy to the GPU is asynchronous
+                    views = [v.pin_memory() for v in views]
+                    labels = None if labels is None else labels.pin_memory()
+                yield ViewBatch(views=views, labels=labels)
             self.epoch, self.batch = self.epoch + 1, 0

@@ -167,9 +167,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 images, or floats in [0, 1], shaped (..., C, H, W) -> float32 (x - mean) / std per channel."""
     x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
-    mean_t = torch.tensor(mean, device=x.device).view(-1, 1, 1)
-    std_t = torch.tensor(std, device=x.device).view(-1, 1, 1)
-    return (x - mean_t) / std_t
+    # per-channel Python scalars: no constant tensor to copy to the device (a host sync on a GPU)
+    return torch.stack([(channel - m) / s for channel, m, s in zip(x.unbind(-3), mean, std, strict=True)], -3)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +177,14 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's blend; factor 1 returns x exactly."""
     return (factor * x + (1 - factor) * other).clamp_(0, 1)
+
+
+def _mean_gray(x: torch.Tensor) -> torch.Tensor:
+    """The mean of each image's grayscale (B, 1, 1, 1), from channel means (one pass over x)."""
+    r, g, b = x.mean((-2, -1)).unbind(-1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).view(-1, 1, 1, 1)
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,7 +199,7 @@ def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    k = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(3, 1, 1)
+    k = torch.arange(5.0, 0.0, -2.0, device=h.device, dtype=h.dtype).view(3, 1, 1)  # 5, 3, 1
     k = (k + h.unsqueeze(-3) * 6) % 6
     return v.unsqueeze(-3) - v.unsqueeze(-3) * s.unsqueeze(-3) * (torch.minimum(k, 4 - k).clamp(0, 1))
 
@@ -249,6 +255,31 @@ class Photometric:
         self.spec = spec if spec is not None else PhotometricSpec()
         self.mean, self.std = mean, std
 
+    def _jitter(self, x: torch.Tensor, jitter: torch.Tensor, draw, gen: torch.Generator) -> torch.Tensor:
+        """Brightness, contrast, saturation and hue in a random order per sample, on the samples where
+        `jitter` (B, 1, 1, 1) holds. Each op with factor 1 (hue: shift 0) leaves an image as it is, so
+        every op runs on the whole batch with identity factors where it does not apply; the costly
+        hue runs once, between the cheap ops its sample puts before it and those it puts after."""
+        s = self.spec
+        n = x.shape[0]
+        slot = torch.rand(n, 4, device=x.device, generator=gen).argsort(1).argsort(1)  # slot of each op
+        cheap = [
+            (s.brightness, draw(1 - s.brightness, 1 + s.brightness), lambda y, f: (y * f).clamp_(0, 1)),
+            (s.contrast, draw(1 - s.contrast, 1 + s.contrast), lambda y, f: _blend(y, _mean_gray(y), f)),
+            (s.saturation, draw(1 - s.saturation, 1 + s.saturation), lambda y, f: _blend(y, grayscale(y), f)),
+        ]
+        hue_slot, shift = slot[:, 3].view(-1, 1, 1, 1), draw(-s.hue, s.hue)
+        for before_hue in (True, False):
+            for k in (0, 1, 2) if before_hue else (1, 2, 3):  # hue takes slot >= 1 when ops precede it
+                side = hue_slot > k if before_hue else hue_slot < k
+                for op, (strength, factor, apply) in enumerate(cheap):
+                    if strength > 0:  # a setting, not data: an op that is off costs nothing
+                        here = jitter & side & (slot[:, op].view(-1, 1, 1, 1) == k)
+                        x = apply(x, torch.where(here, factor, 1.0))
+            if before_hue and s.hue > 0:
+                x = adjust_hue(x, torch.where(jitter, shift, 0.0).flatten())
+        return x
+
     @torch.no_grad()
     def __call__(self, views: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         s = self.spec
@@ -263,23 +294,7 @@ class Photometric:
         def chance(p: float) -> torch.Tensor:
             return (torch.rand(n, device=dev, generator=gen) < p).view(-1, 1, 1, 1)
 
-        jitter = chance(s.jitter_p)
-        order = torch.rand(n, 4, device=dev, generator=gen).argsort(1)  # op applied at each slot
-        factors = [draw(1 - s.brightness, 1 + s.brightness), draw(1 - s.contrast, 1 + s.contrast),
-                   draw(1 - s.saturation, 1 + s.saturation), draw(-s.hue, s.hue)]  # fmt: skip
-        ops = [
-            (s.brightness, lambda y, f: (y * f).clamp_(0, 1)),
-            (s.contrast, lambda y, f: _blend(y, grayscale(y).mean((-3, -2, -1), keepdim=True), f)),
-            (s.saturation, lambda y, f: _blend(y, grayscale(y), f)),
-            (s.hue, lambda y, f: adjust_hue(y, f.flatten())),
-        ]
-        y = x
-        for slot in range(4):
-            at_slot = order[:, slot].view(-1, 1, 1, 1)
-            for op, ((strength, apply), factor) in enumerate(zip(ops, factors, strict=True)):
-                if strength > 0:  # a setting, not data: an op that is off costs nothing
-                    y = torch.where(at_slot == op, apply(y, factor), y)
-        x = torch.where(jitter, y, x)
+        x = self._jitter(x, chance(s.jitter_p), draw, gen)
         x = torch.where(chance(s.grayscale_p), grayscale(x).expand(-1, c, -1, -1), x)
         sigma = torch.where(chance(s.blur_p).flatten(), draw(*s.blur_sigma).flatten(), 0.0)
         x = gaussian_blur(x, gaussian_kernels(sigma, blur_kernel_size(height)))

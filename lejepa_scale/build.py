@@ -56,6 +56,7 @@ def build_parallel_model(cfg: Config, env: DistEnv) -> LeJEPAModel:
         ac_every=cfg.parallel.ac_every,
         compile=cfg.parallel.compile,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
+        float8=cfg.train.float8_recipe if cfg.train.float8 else None,
     )
 
 
@@ -109,13 +110,13 @@ def build_loader(cfg: Config, env: DistEnv) -> tuple[InMemoryViews | ShardViews,
         seed=cfg.run.seed,
         rank=env.rank,
         world_size=env.world_size,
+        pin_memory=env.device.type == "cuda",
     )
     if cfg.data.source == "shards":
         loader = ShardViews(
             resolve_shards(cfg.data.train),
             num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
-            pin_memory=env.device.type == "cuda",
             **common,
         )
         classes = resolve_classes(cfg.data.train)
@@ -149,4 +150,5 @@ def build_checkpointer(
         keep_last=c.keep_last,
         keep_every=c.keep_every,
         async_save=c.async_save,
+        enabled=c.enabled,
     )

@@ -238,6 +238,7 @@ class Checkpointer:
         keep_last: int = 2,
         keep_every: int = 0,
         async_save: bool = True,
+        enabled: bool = True,
     ):
         if keep_last < 2:
             raise ValueError("checkpoint.keep_last must be >= 2 (the newest may still be in flight)")
@@ -245,6 +246,7 @@ class Checkpointer:
         self.state, self.per_rank, self.meta = state, per_rank, meta
         self.every_steps, self.every_minutes = every_steps, every_minutes
         self.keep_last, self.keep_every, self.async_save = keep_last, keep_every, async_save
+        self.enabled = enabled  # False: saves nothing, finds nothing
         self.rank = _rank()
         # DCP's background writes run their own collectives: keep them off the training group
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
@@ -263,7 +265,7 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint of this run, if any."""
-        done = complete_checkpoints(self.folder)
+        done = complete_checkpoints(self.folder) if self.enabled else []
         return done[-1] if done else None
 
     # -- saving ------------------------------------------------------------------------------------
@@ -282,6 +284,8 @@ class Checkpointer:
         return self.in_flight is not None and self.in_flight[1] is not None and not self.in_flight[1].done()
 
     def save(self, step: int, *, blocking: bool = False) -> None:
+        if not self.enabled:
+            return
         self.finish()  # at most one save in flight
         models = [state for state in self.state.values() if isinstance(state, ModelState)]
         if any_rank(not all(model.finite() for model in models))[0]:

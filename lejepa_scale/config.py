@@ -95,10 +95,13 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf gradients (updates skipped) before stopping
     control_every: int = 10  # steps between the ranks' agreements on preemption and time-based saves
     sync_debug: bool = False  # CUDA: error on any host sync in a step that does not log
+    float8: bool = False  # float8 matmuls in the blocks' Linears (torchao; GPUs of capability 8.9+)
+    float8_recipe: str = "tensorwise"  # tensorwise (with float8 FSDP all-gathers) | rowwise
 
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True  # false: no checkpoints and no model.pt (benchmarks, smoke runs; no resume)
     every_steps: int = 1000  # 0: never by step count
     every_minutes: float = 30.0  # 0: never by time
     keep_last: int = 2  # complete checkpoints kept (>= 2)
@@ -198,6 +201,11 @@ def _validate(cfg: Config) -> None:
             "must be none, full, selective (every ac_every-th block) or op (torchtitan's op-level SAC)",
         ),
         (cfg.optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0: no clipping)"),
+        (
+            cfg.train.float8_recipe in ("tensorwise", "rowwise"),
+            "train.float8_recipe",
+            "must be tensorwise or rowwise",
+        ),
         (cfg.train.control_every >= 1, "train.control_every", "must be >= 1"),
         (
             cfg.profile.every >= cfg.profile.warmup + cfg.profile.active,

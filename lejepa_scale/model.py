@@ -75,7 +75,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if group is None or not self.training:
             return super().forward(x)
         x32 = x.float()
-        local = torch.cat([x32.sum(0), x32.square().sum(0), x32.new_tensor([x.shape[0]])])
+        local = torch.cat([x32.sum(0), x32.square().sum(0), x32.new_full((1,), x.shape[0])])
         total = all_reduce_sum(local, group)
         n = total[-1]
         mean = total[: self.num_features] / n

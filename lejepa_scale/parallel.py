@@ -6,6 +6,7 @@ and initialisation that equals single-process initialisation with the same seed 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torchtitan.distributed.activation_checkpoint import SelectiveAC
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -81,8 +83,18 @@ def repeated_blocks(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> None:
     """Recompute block activations in backward: `full` wraps every block, `selective` every
-    `every`-th block (a memory/compute trade-off between none and full)."""
+    `every`-th block (a memory/compute trade-off between none and full), `op` every block with
+    torchtitan's op-level selective checkpointing (matmul and attention outputs are kept, the cheap
+    elementwise ops, norms and activations are recomputed; timm's Linears run as aten.addmm, which
+    its save list holds)."""
     if mode == "none":
+        return
+    if mode == "op":
+        units = repeated_blocks(model)
+        if units:  # torchtitan wraps the children of a `.layers` attribute: hand it the block container
+            holder = nn.Module()
+            holder.layers = units[0][0]
+            SelectiveAC(SelectiveAC.Config(force_recompute_mm_shapes_by_fqns=[])).apply(holder)
         return
     for i, (parent, name, block) in enumerate(repeated_blocks(model)):
         if mode == "full" or i % every == 0:
@@ -90,9 +102,37 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile each block (same graph for every block, so one compilation is reused)."""
-    for parent, name, block in repeated_blocks(model):
-        setattr(parent, name, torch.compile(block))
+    """torch.compile each block in place (its state-dict keys stay as they are). Every block has
+    the same graph, and each runs once per pass on all crop sizes at their fixed shapes, so one
+    static graph is compiled and reused."""
+    for _, _, block in repeated_blocks(model):
+        block.compile()
+
+
+def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> None:
+    """Float8 training for the blocks' Linear layers (torchao): `tensorwise` scales (and, on GPUs,
+    FSDP2 all-gathers the weights in float8) or `rowwise` scales. Needs a GPU of compute capability
+    8.9+ (H100, L40S, B200); on CPU torchao emulates it, which tests the wiring, not the speed."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise RuntimeError(
+            f"train.float8 needs a GPU of compute capability 8.9 or more (H100, L40S, B200); {name} has "
+            "no float8 matmul units: set train.float8=false"
+        )
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    config = dataclasses.replace(
+        config,
+        emulate=device.type != "cuda",
+        enable_fsdp_float8_all_gather=recipe == "tensorwise" and device.type == "cuda",
+    )
+
+    def blocks_only(module: nn.Module, fqn: str) -> bool:  # float8 matmuls want dimensions divisible by 16
+        in_dims_ok = isinstance(module, nn.Linear) and module.in_features % 16 == 0
+        return in_dims_ok and module.out_features % 16 == 0 and ".blocks." in f".{fqn}"
+
+    convert_to_float8_training(model, config=config, module_filter_fn=blocks_only)
 
 
 def apply_fsdp(
@@ -118,20 +158,25 @@ def parallelize(
     ac_every: int = 1,
     compile: bool = False,
     reshard_after_forward: bool = True,
+    float8: str | None = None,
 ) -> nn.Module:
-    """Build the model and apply AC, compile and FSDP. Without a mesh (single process) the model is
-    built directly on the device. With one, every rank builds it on the meta device (no memory),
-    shards it, allocates only its shards, and rank 0 broadcasts a full seeded initialisation: the
-    result equals single-process init whatever the world size (sharded random init would repeat the
-    same numbers on every rank of a CPU mesh)."""
+    """Build the model and apply float8 (a recipe name, or None), AC, compile and FSDP. Without a
+    mesh (single process) the model is built directly on the device. With one, every rank builds it
+    on the meta device (no memory), shards it, allocates only its shards, and rank 0 broadcasts a
+    full seeded initialisation: the result equals single-process init whatever the world size
+    (sharded random init would repeat the same numbers on every rank of a CPU mesh)."""
     if mesh is None:
         model = build().to(env.device)
+        if float8:
+            apply_float8(model, float8, env.device)
         apply_activation_checkpointing(model, activation_checkpointing, ac_every)
         if compile:
             apply_compile(model)
         return model
     with torch.device("meta"):
         model = build()
+    if float8:
+        apply_float8(model, float8, env.device)
     apply_activation_checkpointing(model, activation_checkpointing, ac_every)
     if compile:
         apply_compile(model)
@@ -153,7 +198,7 @@ def _broadcast_buffers(model: nn.Module, reference: nn.Module | None) -> None:
     source = dict(reference.named_buffers()) if reference is not None else {}
     for name, buffer in model.named_buffers():
         if reference is not None:
-            buffer.copy_(source[name.replace(wrapped, "").replace("_orig_mod.", "")])
+            buffer.copy_(source[name.replace(wrapped, "")])
         dist.broadcast(buffer, src=0)
 
 

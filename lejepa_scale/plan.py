@@ -13,7 +13,9 @@ sharding over `shard` ranks (the GPUs of a node under HSDP, all GPUs under FSDP)
   (D width, H MLP width; measured with saved-tensor hooks: LayerNorm inputs, qkv, q/k/v and the
   attention output, projection and MLP inputs), at 4 bytes in fp32 and 2 bytes plus the fp32
   LayerNorm and residual tensors (6 D more bytes) under bf16; a checkpointed block keeps only its
-  input (D elements) and recomputes one block at a time in backward;
+  input (D elements) and recomputes one block at a time in backward; with op-level selective
+  checkpointing (torchtitan's SAC, `op`) a block keeps 7 D + H elements (its input, the outputs of
+  its four matmuls and of GPU attention; CPU attention is recomputed, so on CPU it keeps D less);
 * a fixed allowance for the CUDA context and allocator fragmentation (`--reserve`).
 
 FLOPs are model FLOPs of forward + backward (3 x forward, recomputation excluded): per block
@@ -96,25 +98,29 @@ def activation_bytes(
     shape: ModelShape, cfg: Config, batch: int, ac: str, ac_every: int = 2
 ) -> tuple[float, float]:
     """(saved for backward, rebuilt during backward) in bytes: what the blocks keep (all their
-    tensors, or only their input when checkpointed), the embedding/final-norm tensors and input
-    images, the projector; plus, with checkpointing, one block recomputed for the largest forward."""
+    tensors; only their input when checkpointed; with op-level SAC their input and the outputs of
+    the matmuls and of attention), the embedding/final-norm tensors and input images, the
+    projector; plus, with checkpointing, what one block rebuilds for the largest forward."""
     d, h = shape.width, shape.mlp_hidden
     bf16 = cfg.train.precision == "bf16"
     elem = 2 if bf16 else 4
     per_token = (2 * (8 * d + 2 * h) + 6 * d) if bf16 else 4 * (8 * d + 2 * h)
-    checkpointed = {"none": 0, "full": shape.depth, "selective": math.ceil(shape.depth / ac_every)}[ac]
+    op_token = elem * (7 * d + h)  # input d, qkv 3d, attention d, projection d, MLP h and d
+    checkpointed = {"none": 0, "op": 0, "full": shape.depth, "selective": math.ceil(shape.depth / ac_every)}[
+        ac
+    ]
     kept = shape.depth - checkpointed
+    block_bytes = shape.depth * op_token if ac == "op" else kept * per_token + checkpointed * d * elem
     per_view = view_tokens(shape, cfg)
     tokens = sum(views * t for views, t in per_view) * batch
-    saved = tokens * (
-        kept * per_token + checkpointed * d * elem + 2 * d * elem
-    )  # + patch/pos embed, final norm
+    saved = tokens * (block_bytes + 2 * d * elem)  # + patch/pos embed, final norm
     sizes = [(cfg.views.n_global, cfg.views.global_size), (cfg.views.n_local, cfg.views.local_size)]
     saved += sum(n * batch * 3 * size * size * 4 for n, size in sizes)  # the input images (fp32)
     saved += (
         sum(v for v, _ in per_view) * batch * (3 * shape.proj_hidden + 2 * shape.proj_dim) * 4
     )  # projector
-    recompute = max(views * t for views, t in per_view) * batch * per_token if checkpointed else 0.0
+    largest = max(views * t for views, t in per_view) * batch
+    recompute = largest * (per_token - op_token if ac == "op" else per_token if checkpointed else 0.0)
     return saved, recompute
 
 
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("largest per-GPU batch that fits:")
     fits = {}
-    for ac in ("none", "selective", "full"):
+    for ac in ("none", "op", "selective", "full"):
         fits[ac] = largest_batch(
             shape, cfg, shard=shard, ac=ac, budget=args.gpu_mem * GiB, reserve_gib=args.reserve
         )

@@ -115,7 +115,7 @@ def epps_pulley(
     u = proj.to(dtype)
     t, weights = quadrature(t_max, knots, integration, dtype=dtype, device=u.device)
     sums = _ECFSums.apply(u, t) if lean else _ecf_sums_naive(u, t)
-    count = torch.tensor([u.shape[-2]], dtype=dtype, device=u.device)
+    count = torch.full((1,), u.shape[-2], dtype=dtype, device=u.device)  # no host-to-device copy
     group = group if group is not None else default_group()
     if group is not None:
         packed = all_reduce_sum(torch.cat([sums.flatten(), count]), group)

@@ -214,9 +214,10 @@ def train(cfg: Config) -> LeJEPAModel:
     if start_step < cfg.train.steps or checkpointer.latest() is None:
         checkpointer.save(cfg.train.steps, blocking=True)
     logger.close()
-    weights = full_state_dict(model)
-    if env.is_main:
-        torch.save(weights, run_dir / "model.pt")
+    if cfg.checkpoint.enabled:
+        weights = full_state_dict(model)
+        if env.is_main:
+            torch.save(weights, run_dir / "model.pt")
     return model
 
 

@@ -66,7 +66,9 @@ def run_training(cfg, model, rank, world_size):
     model.train()
     for step, views in enumerate(global_batches(world_size)):
         mine = views if rank is None else [v[:, rank * PER_RANK : (rank + 1) * PER_RANK] for v in views]
-        result = train_step(model, loss_fn, optimizer, scheduler, mine, step, autocast)
+        result = train_step(
+            model, loss_fn, optimizer, scheduler, mine, step, autocast, clip_grad=cfg.optim.clip_grad
+        )
         assert not result.skipped
         losses.append(result.loss.total.item())
     return losses, full_state_dict(model)
@@ -109,6 +111,7 @@ def test_fsdp_hsdp_and_ac_on_two_ranks_equal_single_process():
         ("fsdp", [], None),
         ("fsdp_full_ac", ["parallel.activation_checkpointing=full"], None),
         ("fsdp_selective_ac", ["parallel.activation_checkpointing=selective", "parallel.ac_every=2"], None),
+        ("fsdp_op_ac", ["parallel.activation_checkpointing=op"], None),
         ("hsdp_2x1", ["parallel.dp_replicate=2"], None),
         ("hsdp_1x2", [], (1, 2)),
     ]
@@ -117,7 +120,7 @@ def test_fsdp_hsdp_and_ac_on_two_ranks_equal_single_process():
     for name, _, _ in variants:
         assert_same_training([r[name] for r in results], reference)
     # activation checkpointing changes memory, not numbers: bitwise equal to no AC
-    for name in ("fsdp_full_ac", "fsdp_selective_ac"):
+    for name in ("fsdp_full_ac", "fsdp_selective_ac", "fsdp_op_ac"):
         assert results[0][name][0] == results[0]["fsdp"][0]
         assert all(torch.equal(results[0][name][1][k], v) for k, v in results[0]["fsdp"][1].items())
 
@@ -125,6 +128,24 @@ def test_fsdp_hsdp_and_ac_on_two_ranks_equal_single_process():
 def test_fsdp_on_four_ranks_equals_single_process():
     results = run_ranks(ranks_worker, 4, [("fsdp", [], None)])
     assert_same_training([r["fsdp"] for r in results], single_process(4))
+
+
+def test_compile_and_clipping_on_two_ranks_equal_single_process_and_float8_stays_close():
+    variants = [
+        ("compiled", ["parallel.compile=true"], None),
+        ("clipped", ["optim.clip_grad=0.01"], None),
+        ("float8", ["train.float8=true"], None),  # torchao's emulation on CPU
+    ]
+    results = run_ranks(ranks_worker, 2, variants)
+    reference = single_process(2)
+    assert_same_training([r["compiled"] for r in results], reference, tol=1e-4)
+    clipped = single_process(2, "optim.clip_grad=0.01")
+    assert_same_training([r["clipped"] for r in results], clipped)
+    assert not torch.equal(clipped[1]["backbone.cls_token"], reference[1]["backbone.cls_token"])  # it clipped
+    losses, state = results[0]["float8"]
+    assert state.keys() == reference[1].keys()  # float8 Linears keep their parameter names
+    mean_losses = torch.tensor([r["float8"][0] for r in results]).mean(0)
+    torch.testing.assert_close(mean_losses, torch.tensor(reference[0]), rtol=0.05, atol=0)
 
 
 def test_bf16_run_completes_and_stays_finite():

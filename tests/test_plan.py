@@ -6,7 +6,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
 from lejepa_scale.build import build_loss, build_model, build_optimizer, build_scheduler
 from lejepa_scale.config import load_config
-from lejepa_scale.plan import flops_per_sample, largest_batch, main, make_plan, model_shape
+from lejepa_scale.plan import flops_per_sample, largest_batch, main, make_plan, model_shape, view_tokens
 
 GiB = 2**30
 
@@ -68,6 +68,20 @@ def test_parameter_and_activation_predictions_match_measurement(ac):
     assert peak[_MemRefType.OPT] == pytest.approx(plan.optimizer, rel=0.01)
     assert peak[_MemRefType.ACT] == pytest.approx(plan.activations, rel=0.15)  # saved for backward
     assert plan.grads == 4 * shape.params
+
+
+def test_op_level_checkpointing_prediction_matches_measurement():
+    """torchtitan's op-level SAC keeps 7 D + H elements per token and block on a GPU; on CPU the
+    attention output is recomputed, D fewer."""
+    cfg = tiny()
+    shape = model_shape(cfg)
+    plan = make_plan(shape, cfg, shard=1, batch=cfg.train.batch_size, ac="op", reserve_gib=0)
+    tokens = sum(v * t for v, t in view_tokens(shape, cfg)) * cfg.train.batch_size
+    on_cpu = plan.activations - tokens * shape.depth * shape.width * 4
+    assert measure(cfg, "op")[_MemRefType.ACT] == pytest.approx(on_cpu, rel=0.15)
+    none = make_plan(shape, cfg, shard=1, batch=cfg.train.batch_size, ac="none", reserve_gib=0)
+    full = make_plan(shape, cfg, shard=1, batch=cfg.train.batch_size, ac="full", reserve_gib=0)
+    assert full.activations < plan.activations < none.activations
 
 
 def test_checkpointing_shrinks_activations_and_grows_the_batch():
