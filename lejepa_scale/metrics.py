@@ -192,15 +192,14 @@ def mean_over_ranks(values: dict[str, float | torch.Tensor], device: torch.devic
     return dict(zip(values, packed.tolist(), strict=True))
 
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
-
-
-def peak_tflops(device) -> float | None:
-    """Dense bf16 peak of a known GPU (for MFU); None on CPUs and unknown GPUs."""
+def peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak TFLOP/s of the GPU (torchtitan's table: it tells H100 SXM, PCIe and NVL apart),
+    for MFU; None on CPUs."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    from torchtitan.tools.utils import get_peak_flops
+
+    return get_peak_flops(torch.cuda.get_device_name(device)) / 1e12
 
 
 def peak_memory_gib(device) -> float:
