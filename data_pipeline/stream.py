@@ -8,9 +8,12 @@ How an epoch is split (world size W, per-rank batch B, shards with known sample 
   order with L = steps * B, and reads only the shards that overlap it.
 * The remainder, total - W * L < W * B samples at the end of the order, is not used this epoch.
   Because the shard order is reshuffled every epoch, a different tail is left out each time.
-* Within a rank, DataLoader worker k owns a contiguous run of the rank's batches (earlier workers
-  take one more when they do not divide evenly). The DataLoader's round robin then hands batch j of
-  the rank to worker j % num_workers. Each worker mixes its run through a seeded shuffle buffer.
+* Within a rank, the epoch's batches are cut into num_workers contiguous runs (earlier runs take one
+  more when they do not divide evenly), and batch j of the epoch comes from run j % num_workers.
+  The DataLoader's workers live for the whole run and go on to the next epoch's run when theirs
+  ends (the round robin tells each which run is its own in every epoch), so an epoch boundary is
+  just another batch. Each run goes through a seeded shuffle buffer that yields from its first
+  tenth on, growing to full size as it goes.
 * Every sample's crops come from a generator seeded by (seed, epoch, position in the epoch order),
   so they do not depend on the worker split.
 * A sample that cannot be read (corrupt image, truncated shard) is replaced by a second decode, with
@@ -85,30 +88,47 @@ def plan_epoch(shards: list[Shard], epoch: int, seed: int, batch_size: int, worl
     return EpochPlan(order, steps, batch_size)
 
 
-class _EpochRun(IterableDataset):
-    """One rank's batches of one epoch, from `skip` onwards, split across DataLoader workers."""
+class _Stream(IterableDataset):
+    """One rank's batches, epoch after epoch, from (`epoch`, `skip` batches taken) on, split across
+    DataLoader workers that live for the whole run: the next epoch's plan is known in advance, so a
+    worker moves on to it without the DataLoader being rebuilt (and its shuffle buffer being refilled
+    from nothing by every worker at once)."""
 
-    def __init__(self, plan: EpochPlan, *, rank, epoch, skip, specs, flip_p, seed, shuffle_buffer):
-        self.plan, self.rank, self.epoch, self.skip = plan, rank, epoch, skip
+    def __init__(
+        self, shards, *, rank, world_size, batch_size, epoch, skip, specs, flip_p, seed, shuffle_buffer
+    ):
+        self.shards, self.rank, self.world_size, self.batch_size = shards, rank, world_size, batch_size
+        self.epoch, self.skip = epoch, skip
         self.specs, self.flip_p, self.seed, self.shuffle_buffer = specs, flip_p, seed, shuffle_buffer
 
     def __iter__(self) -> Iterator[ViewBatch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        # The DataLoader's round robin starts at its worker 0, and the rank's batch j comes from
-        # run j % num_workers; after `skip` batches, the next one is from run skip % num_workers.
-        worker = (worker + self.skip) % num_workers
-        first, last = self.plan.worker_batches(num_workers, worker)
-        already = max(0, (self.skip - worker + num_workers - 1) // num_workers)  # this run's batches taken
-        rank_start, _ = self.plan.rank_range(self.rank)
-        batch = self.plan.batch_size
-        raw = self._shuffled(rank_start + first * batch, rank_start + last * batch, worker)
+        # The DataLoader's round robin hands its k-th batch to worker k % num_workers, and an
+        # epoch's batch j comes from run j % num_workers: with `first` the round-robin index of the
+        # epoch's batch 0, worker i serves run (i - first) % num_workers of that epoch.
+        epoch, first, skip = self.epoch, -self.skip, self.skip
+        while True:
+            plan = plan_epoch(self.shards, epoch, self.seed, self.batch_size, self.world_size)
+            run = (worker - first) % num_workers
+            already = max(0, (skip - run + num_workers - 1) // num_workers)  # this run's batches taken
+            yield from self._run(plan, epoch, run, num_workers, already)
+            epoch, first, skip = epoch + 1, first + plan.steps, 0
+
+    def _run(
+        self, plan: EpochPlan, epoch: int, run: int, num_workers: int, already: int
+    ) -> Iterator[ViewBatch]:
+        first, last = plan.worker_batches(num_workers, run)
+        rank_start, _ = plan.rank_range(self.rank)
+        batch = plan.batch_size
+        rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{run}")
+        raw = self._shuffled(plan, rank_start + first * batch, rank_start + last * batch, rng)
         # One slot per raw sample, so batch boundaries (and the replay on resume) never shift.
         pending, recent, corrupt, owed = [], deque(maxlen=batch), 0, 0
         for index, (position, sample) in enumerate(raw):
             if index < already * batch:
                 continue  # replay up to the resume position without decoding
-            decoded = self._decode(position, sample)
+            decoded = self._decode(epoch, position, sample)
             if decoded is None:
                 corrupt += 1
                 owed += 1
@@ -116,41 +136,49 @@ class _EpochRun(IterableDataset):
                 recent.append((position, sample))
                 pending.append(decoded)
             while owed and recent:
-                pending.append(self._replacement(recent, owed))
+                pending.append(self._replacement(epoch, recent, owed))
                 owed -= 1
             while len(pending) >= batch:
                 yield self._collate(pending[:batch], corrupt)
                 pending, corrupt = pending[batch:], 0
         if owed or pending:
-            raise RuntimeError(f"rank {self.rank} worker {worker}: no readable sample in its whole run")
+            raise RuntimeError(f"rank {self.rank} run {run}: no readable sample in its whole run")
 
-    def _shuffled(self, start: int, stop: int, worker: int) -> Iterator[tuple[int, dict]]:
-        """Samples of [start, stop) through a seeded shuffle buffer; a read error ends the run early
-        (the caller fills the missing samples) instead of crashing the job."""
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
+    def _shuffled(
+        self, plan: EpochPlan, start: int, stop: int, rng: random.Random
+    ) -> Iterator[tuple[int, dict]]:
+        """Samples of [start, stop) through a seeded shuffle buffer that starts yielding once it
+        holds a tenth of its size and grows by one sample per yield until full (webdataset's
+        `initial`); a read error ends the run early (the caller fills the missing samples) instead
+        of crashing the job."""
+        initial = max(1, self.shuffle_buffer // 10)
         buffer: list[tuple[int, dict]] = []
-        expected = stop - start
         seen = 0
+        source = plan.samples(start, stop)
         try:
-            for item in self.plan.samples(start, stop):
+            for item in source:
+                buffer.append(item)
                 seen += 1
-                if len(buffer) < self.shuffle_buffer:
-                    buffer.append(item)
-                    continue
-                i = rng.randrange(len(buffer))
-                buffer[i], item = item, buffer[i]
-                yield item
+                if len(buffer) < self.shuffle_buffer:  # grow: take one more sample per yield
+                    extra = next(source, None)
+                    if extra is not None:
+                        buffer.append(extra)
+                        seen += 1
+                if len(buffer) >= initial:
+                    i = rng.randrange(len(buffer))
+                    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                    yield buffer.pop()
         except Exception as e:  # truncated or corrupt shard
             log.warning("reading samples %d..%d stopped after %d: %s", start, stop, seen, e)
         rng.shuffle(buffer)
         yield from buffer
-        for missing in range(expected - seen):
+        for missing in range(stop - start - seen):
             yield -1, {"__key__": f"missing-{missing}"}
 
-    def _decode(self, position: int, sample: dict) -> tuple | None:
+    def _decode(self, epoch: int, position: int, sample: dict) -> tuple | None:
         if "jpg" not in sample:
             return None
-        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, position)) % 2**63)
+        gen = torch.Generator().manual_seed(hash((self.seed, epoch, position)) % 2**63)
         try:
             views = decode_crops(sample["jpg"], self.specs, self.flip_p, gen)
             label = int(sample["cls"]) if "cls" in sample else -1
@@ -158,10 +186,10 @@ class _EpochRun(IterableDataset):
             return None
         return views, label, sample["__key__"]
 
-    def _replacement(self, recent: deque, salt: int) -> tuple:
+    def _replacement(self, epoch: int, recent: deque, salt: int) -> tuple:
         """The latest good sample decoded again, with differently seeded crops."""
         position, sample = recent[-1]
-        views, label, key = self._decode(position * 7919 + salt * 104729 + 1, sample)
+        views, label, key = self._decode(epoch, position * 7919 + salt * 104729 + 1, sample)
         return views, label, key + "#repeat"
 
     @staticmethod
@@ -212,6 +240,8 @@ class ShardViews:
                 f"workers, not {self.world_size}/{self.num_workers}: an exact resume needs the same split"
             )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        if self.batch == self.steps_per_epoch:  # saved after an epoch's last batch by an earlier version
+            self.epoch, self.batch = self.epoch + 1, 0
         self.corrupt_total = int(state.get("corrupt_total", 0))
 
     def restart_epoch(self, epoch: int) -> None:
@@ -220,28 +250,29 @@ class ShardViews:
         self.epoch, self.batch = epoch, 0
 
     def __iter__(self) -> Iterator[ViewBatch]:
-        while True:
-            plan = plan_epoch(self.shards, self.epoch, self.seed, self.batch_size, self.world_size)
-            run = _EpochRun(
-                plan,
-                rank=self.rank,
-                epoch=self.epoch,
-                skip=self.batch,
-                specs=self.crops,
-                flip_p=self.flip_p,
-                seed=self.seed,
-                shuffle_buffer=self.shuffle_buffer,
-            )
-            loader = DataLoader(
-                run,
-                batch_size=None,
-                num_workers=self.num_workers,
-                pin_memory=self.pin_memory,
-                prefetch_factor=4 if self.num_workers else None,
-                generator=torch.Generator().manual_seed(self.seed),  # not the trainer's torch stream
-            )
-            for batch in loader:
-                self.batch += 1
-                self.corrupt_total += batch.corrupt
-                yield batch
-            self.epoch, self.batch = self.epoch + 1, 0
+        stream = _Stream(
+            self.shards,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            epoch=self.epoch,
+            skip=self.batch,
+            specs=self.crops,
+            flip_p=self.flip_p,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+        )
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=4 if self.num_workers else None,
+            generator=torch.Generator().manual_seed(self.seed),  # not the trainer's torch stream
+        )
+        for batch in loader:  # endless: the workers carry on into the next epoch
+            self.batch += 1
+            if self.batch == self.steps_per_epoch:
+                self.epoch, self.batch = self.epoch + 1, 0
+            self.corrupt_total += batch.corrupt
+            yield batch

@@ -70,6 +70,19 @@ def test_exactly_once_over_two_ranks_and_two_workers(shards):
     assert total - len(all_keys) < 2 * 4  # only the tail that cannot fill a batch on every rank is left out
 
 
+def test_exactly_once_in_each_of_three_epochs_with_workers_that_persist(shards):
+    """One iterator (one DataLoader, its 2 workers living on) per rank over 3 epochs, world 2."""
+    per_epoch = [[] for _ in range(3)]
+    for rank in range(2):
+        views, batches = epoch_keys(shards, rank, 2, num_workers=2, epoch_batches=3 * 5)
+        assert views.steps_per_epoch == 5 and views.state_dict()["epoch"] == 3
+        for epoch in range(3):
+            per_epoch[epoch] += [k for b in batches[5 * epoch : 5 * (epoch + 1)] for k in b.keys]
+    for keys in per_epoch:
+        assert len(keys) == len(set(keys)) == 40  # every sample at most once, 2 ranks x 5 x 4
+    assert per_epoch[0] != per_epoch[1]  # reshuffled
+
+
 def test_left_out_tail_changes_between_epochs(shards):
     views = ShardViews(shards, batch_size=4, crops=SPECS, rank=0, world_size=2, num_workers=0)
     it = iter(views)
