@@ -89,7 +89,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
         if env.rank == 0:
             record(run_dir, "start", job_id=job_id, restart=restart, world_size=env.world_size,
-                   resume_step=newest_step(run_dir))  # fmt: skip
+                   resume_step=newest_step(run_dir),
+                   network_interface=os.environ.get("GLOO_SOCKET_IFNAME"))  # fmt: skip
         requeue = signal.getsignal(submitit.JobEnvironment._usr_sig())  # submitit's checkpoint + requeue
         try:
             train(cfg)
@@ -206,8 +207,17 @@ def slurm_executor(
         constraint=args.constraint,
         exclude=args.exclude,
         additional_parameters={"requeue": True, "open-mode": "append"},
+        setup=[
+            f"export {name}={value}" for name, value in network_environment(args.network_interface).items()
+        ],
     )
     return executor
+
+
+def network_environment(interface: str | None) -> dict[str, str]:
+    """The network interface gloo (CPU training, checkpoints, control) and NCCL use between nodes;
+    on nodes with several interfaces they may otherwise pick one the other nodes cannot reach."""
+    return {"GLOO_SOCKET_IFNAME": interface, "NCCL_SOCKET_IFNAME": interface} if interface else {}
 
 
 def sbatch_script(args: argparse.Namespace, cfg: Config, folder: Path) -> str:
@@ -228,7 +238,7 @@ def run_local(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.local)]
         command = [sys.executable, *launcher, *command[1:]]
     print(f"run dir: {run_dir}\nrunning: {' '.join(command)}", flush=True)
-    return subprocess.call(command)
+    return subprocess.call(command, env={**os.environ, **network_environment(args.network_interface)})
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -335,6 +345,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--constraint")
     p.add_argument("--exclude", help="nodes to avoid, e.g. node[001-004]")
     p.add_argument("--signal-delay", type=int, default=180, help="USR2 this many seconds before the limit")
+    p.add_argument("--network-interface", help="e.g. ib0: sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME")
     p.add_argument("--max-retries", type=int, default=3, help="automatic requeues after a crash")
     p.add_argument("--max-timeouts", type=int, default=1000, help="requeues at the time limit")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")

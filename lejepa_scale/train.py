@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -143,6 +144,11 @@ def train(cfg: Config) -> LeJEPAModel:
         log.info("%s: %.1fM parameters, %d rank(s) on %s, %d steps of %d per rank (%s data)", cfg.model.name,
                  sum(p.numel() for p in model.parameters()) / 1e6, env.world_size, env.device.type,
                  cfg.train.steps, cfg.train.batch_size, cfg.data.source)  # fmt: skip
+        interfaces = {
+            k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in os.environ
+        }
+        if interfaces:
+            log.info("network interface: %s", ", ".join(f"{k}={v}" for k, v in interfaces.items()))
 
     state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer), "schedule": scheduler}
     if probe is not None:

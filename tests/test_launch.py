@@ -141,7 +141,7 @@ def slurm():
 def uninterrupted(slurm, tmp_path_factory):
     """A 2-task job that runs from start to end; the reference for every interrupted run."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    job_id = submit(run_dir, cli=True)
+    job_id = submit(run_dir, "--network-interface", "lo", cli=True)
     state, logs = wait_until_done(job_id, run_dir)
     assert state == "COMPLETED", logs[-3000:]
     return run_dir, job_id
@@ -153,6 +153,7 @@ def test_two_task_job_trains_to_the_end(uninterrupted):
     assert (run_dir / "model.pt").exists()
     assert [e["event"] for e in events(run_dir)] == ["submitted", "start", "finished"]
     assert events(run_dir, "start")[0]["world_size"] == 2
+    assert events(run_dir, "start")[0]["network_interface"] == "lo"  # --network-interface reached the tasks
     status = json.loads(launch("status", run_dir, "--json").stdout)
     assert status["job_id"] == job_id and status["state"] == "COMPLETED"
     assert status["checkpoint"]["step"] == STEPS
@@ -260,8 +261,13 @@ def test_dry_run_for_16_nodes_prints_the_sbatch_script_without_slurm(tmp_path):
 
 
 def test_local_mode_runs_the_same_job_with_torchrun(uninterrupted, tmp_path):
-    out = launch("--config", ROOT / "configs/demo_cpu.yaml", "--local", "2", f"run.dir={tmp_path}", *TINY)
-    assert "torch.distributed.run" in out.stdout
+    args = ["--config", ROOT / "configs/demo_cpu.yaml", "--local", "2", "--network-interface", "lo",
+            f"run.dir={tmp_path}", *TINY]  # fmt: skip
+    command = [sys.executable, "-m", "lejepa_scale.launch", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.distributed.run" in result.stdout
+    assert "network interface: GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo" in result.stderr
     assert_same_training(tmp_path, uninterrupted[0])
 
 
@@ -271,7 +277,8 @@ def test_sbatch_template_trains_and_requeues_itself_on_usr2(uninterrupted, tmp_p
     log = tmp_path / "job.out"
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}",
-         f"--export=ALL,NPROC_PER_NODE=2,PYTHON={sys.executable}", ROOT / "slurm/train.sbatch",
+         f"--export=ALL,NPROC_PER_NODE=2,PYTHON={sys.executable},NETWORK_INTERFACE=lo",
+         ROOT / "slurm/train.sbatch",
          ROOT / "configs/demo_cpu.yaml", f"run.dir={tmp_path}", *TINY],
         capture_output=True, text=True, env=ENV, cwd=tmp_path, check=True,
     )  # fmt: skip
@@ -282,6 +289,7 @@ def test_sbatch_template_trains_and_requeues_itself_on_usr2(uninterrupted, tmp_p
     text = log.read_text(errors="replace")  # torchrun's workers share the stream: bars may interleave
     assert job_state(job_id) == "COMPLETED", text[-3000:]
     assert "USR2: the trainers checkpoint" in text and f"requeueing job {job_id}" in text
+    assert "GLOO_SOCKET_IFNAME=lo" in text
     resumed = re.search(r"resumed from \S+ \(step (\d+)\)", text)
     assert resumed and 30 < int(resumed.group(1)) < STEPS
     assert_same_training(tmp_path, uninterrupted[0])
