@@ -42,9 +42,10 @@ def build_model(cfg: Config) -> LeJEPAModel:
         )
 
 
-def build_parallel_model(cfg: Config, env: DistEnv) -> LeJEPAModel:
+def build_parallel_model(cfg: Config, env: DistEnv, initialize: bool = True) -> LeJEPAModel:
     """The model on this rank: FSDP2-sharded (HSDP with parallel.dp_replicate > 1) when
-    torch.distributed runs, plain otherwise; initialised as a single process would with run.seed."""
+    torch.distributed runs, plain otherwise; initialised as a single process would with run.seed,
+    or, without `initialize`, left for a checkpoint to fill."""
     mesh = build_mesh(env, cfg.parallel.dp_replicate) if dist.is_initialized() else None
     return parallelize(
         lambda: build_model(cfg),
@@ -57,6 +58,7 @@ def build_parallel_model(cfg: Config, env: DistEnv) -> LeJEPAModel:
         compile=cfg.parallel.compile,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
         float8=cfg.train.float8_recipe if cfg.train.float8 else None,
+        initialize=initialize,
     )
 
 
@@ -137,9 +139,10 @@ def build_probe(cfg: Config, feature_dim: int, num_classes: int | None, env: Dis
 
 
 def build_checkpointer(
-    cfg: Config, state: dict[str, Stateful], per_rank: dict[str, Stateful], meta: dict[str, Any]
+    cfg: Config, env: DistEnv, state: dict[str, Stateful], per_rank: dict[str, Stateful], meta: dict[str, Any]
 ) -> Checkpointer:
-    c = cfg.checkpoint
+    """Under HSDP, replica r is the ranks r * S .. (r + 1) * S - 1 (the mesh is (replicas, S))."""
+    c, replicas = cfg.checkpoint, cfg.parallel.dp_replicate if env.world_size > 1 else 1
     return Checkpointer(
         Path(cfg.run.dir) / "checkpoints",
         state,
@@ -151,4 +154,6 @@ def build_checkpointer(
         keep_every=c.keep_every,
         async_save=c.async_save,
         enabled=c.enabled,
+        device=env.device,
+        replica=(env.rank // (env.world_size // replicas), replicas),
     )

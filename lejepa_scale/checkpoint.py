@@ -123,6 +123,17 @@ def load_tensors(path: Path, template: dict, group=None) -> None:
         raise CheckpointError(f"{path}: cannot load: {str(e).splitlines()[-1]}") from e
 
 
+def stager_for(device: torch.device) -> AsyncStager:
+    """How a background save copies the state to host memory. On GPUs: DCP's stager with pinned
+    buffers allocated on the first save and reused after, non-blocking copies on a side stream, in
+    its own thread. On CPUs (where pinned memory and side streams do not exist): a plain copy in a
+    background thread. Either way the loop waits for the copy only right before optimizer.step."""
+    if device.type == "cuda":
+        return DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                            use_async_staging=True, use_non_blocking_copy=True))  # fmt: skip
+    return BackgroundStager()
+
+
 class BackgroundStager(AsyncStager):
     """DCP's own copy of the state to fresh CPU memory, run in a background thread, so the loop
     only waits for it right before it next mutates parameters or optimizer state (optimizer.step)."""
@@ -192,6 +203,35 @@ class OptimizerState(Stateful):
 # ---------------------------------------------------------------------------------------------------
 
 
+def replica_share(tree: Any, replica: int, replicas: int) -> tuple[Any, int]:
+    """The part of a state this replica writes, and its tensor bytes. Under HSDP every replica holds
+    the same state: each entry goes to the replica with the fewest bytes so far (by global sizes,
+    so every rank decides alike), so together the replicas write everything once, in about equal
+    shares, and each rank copies to host only what it writes. Lists stay whole (DCP names their
+    items by position)."""
+    load, kept, mine = [0] * replicas, {}, 0
+
+    def visit(node: dict, out: dict) -> None:
+        nonlocal mine
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out[key] = {}
+                visit(value, out[key])
+                continue
+            tensors = [
+                t for t in (value if isinstance(value, list) else [value]) if isinstance(t, torch.Tensor)
+            ]
+            owner = load.index(min(load))
+            load[owner] += sum(t.numel() * t.element_size() for t in tensors) + 1  # + 1: spread small entries
+            if owner == replica:
+                out[key] = value
+                local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+                mine += sum(t.numel() * t.element_size() for t in local)
+
+    visit(tree, kept)
+    return kept, mine
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -239,6 +279,8 @@ class Checkpointer:
         keep_every: int = 0,
         async_save: bool = True,
         enabled: bool = True,
+        device: torch.device | str = "cpu",
+        replica: tuple[int, int] = (0, 1),
     ):
         if keep_last < 2:
             raise ValueError("checkpoint.keep_last must be >= 2 (the newest may still be in flight)")
@@ -252,7 +294,9 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.in_flight: tuple[int, Any] | None = None
         self.staging: Any = None  # future of the background copy of the in-flight save
-        self.stager = BackgroundStager() if async_save else None
+        self.stager = stager_for(torch.device(device)) if async_save else None
+        self.replica = replica  # (this rank's replica, replicas): HSDP replicas write disjoint shares
+        self.staged_bytes = 0  # tensor bytes this rank copied for its last save
         self.last_save_time = time.monotonic()
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -290,7 +334,9 @@ class Checkpointer:
         models = [state for state in self.state.values() if isinstance(state, ModelState)]
         if any_rank(not all(model.finite() for model in models))[0]:
             raise CheckpointError(f"refusing to save non-finite weights at step {step}")
-        tensors = {name: state.state_dict() for name, state in self.state.items()}
+        tensors, self.staged_bytes = replica_share(
+            {name: state.state_dict() for name, state in self.state.items()}, *self.replica
+        )
         tmp = self.folder / f"step-{step:08d}.tmp"
         if self.rank == 0:
             tmp.mkdir(parents=True, exist_ok=True)
@@ -312,6 +358,25 @@ class Checkpointer:
             self.staging = response.staging_completion
             self.in_flight = (step, response.upload_completion)
         self.last_save_time = time.monotonic()
+
+    def save_before_exit(self, step: int) -> None:
+        """On preemption, within SLURM's KillWait: nothing when a complete checkpoint of `step`
+        exists, the in-flight save when it is of `step` (it finishes first), else a blocking save.
+        Logs which path it took and how long it took."""
+        if not self.enabled:
+            return
+        start = time.monotonic()
+        latest = self.latest()
+        if latest is not None and checkpoint_step(latest) == step:
+            path = "the checkpoint of this step is complete"
+        elif self.in_flight is not None and self.in_flight[0] == step:
+            self.finish()
+            path = "completed the background save of this step"
+        else:
+            self.save(step, blocking=True)
+            path = "saved"
+        if self.rank == 0:
+            log.info("preemption at step %d: %s (%.1f s)", step, path, time.monotonic() - start)
 
     def wait_for_staging(self) -> None:
         """Block until the in-flight save has copied the state: call before optimizer.step."""

@@ -159,12 +159,15 @@ def parallelize(
     compile: bool = False,
     reshard_after_forward: bool = True,
     float8: str | None = None,
+    initialize: bool = True,
 ) -> nn.Module:
     """Build the model and apply float8 (a recipe name, or None), AC, compile and FSDP. Without a
     mesh (single process) the model is built directly on the device. With one, every rank builds it
     on the meta device (no memory), shards it, allocates only its shards, and rank 0 broadcasts a
     full seeded initialisation: the result equals single-process init whatever the world size
-    (sharded random init would repeat the same numbers on every rank of a CPU mesh)."""
+    (sharded random init would repeat the same numbers on every rank of a CPU mesh). Without
+    `initialize` (a resume: a checkpoint overwrites every parameter and persistent buffer) the shards
+    are only allocated: no full build on rank 0, no broadcast."""
     if mesh is None:
         model = build().to(env.device)
         if float8:
@@ -182,6 +185,8 @@ def parallelize(
         apply_compile(model)
     apply_fsdp(model, mesh, param_dtype, reduce_dtype, reshard_after_forward)
     model.to_empty(device=env.device)
+    if not initialize and not any(m._non_persistent_buffers_set for m in model.modules()):
+        return model
     reference = build() if env.is_main else None
     full = reference.state_dict() if env.is_main else {}
     set_model_state_dict(

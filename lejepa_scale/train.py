@@ -37,6 +37,7 @@ from lejepa_scale.checkpoint import (
     Checkpointer,
     ModelState,
     OptimizerState,
+    complete_checkpoints,
     load_model_weights,
     resolve_checkpoint,
 )
@@ -113,7 +114,7 @@ def agree(step: int, preemption: PreemptionFlag, checkpointer: Checkpointer, log
     if not busy:
         checkpointer.finish()
     if preempted:
-        checkpointer.save(step + 1, blocking=True)
+        checkpointer.save_before_exit(step + 1)
         logger.close()
         signum = preemption.received or signal.SIGTERM  # the signal reached another rank
         raise Preempted(f"signal {signum} at step {step}: checkpoint saved, exiting to be requeued", signum)
@@ -129,7 +130,10 @@ def train(cfg: Config) -> LeJEPAModel:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
-    model = build_parallel_model(cfg, env)
+    resuming = cfg.checkpoint.enabled and bool(complete_checkpoints(run_dir / "checkpoints"))
+    t_build, initialize = time.perf_counter(), not (resuming or cfg.checkpoint.load_from)
+    model = build_parallel_model(cfg, env, initialize=initialize)
+    t_build = time.perf_counter() - t_build
     loss_fn = build_loss(cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
@@ -141,9 +145,10 @@ def train(cfg: Config) -> LeJEPAModel:
     rng.seed(rank_seed(cfg.run.seed, env.rank))
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     if env.is_main:
-        log.info("%s: %.1fM parameters, %d rank(s) on %s, %d steps of %d per rank (%s data)", cfg.model.name,
-                 sum(p.numel() for p in model.parameters()) / 1e6, env.world_size, env.device.type,
-                 cfg.train.steps, cfg.train.batch_size, cfg.data.source)  # fmt: skip
+        log.info("%s: %.1fM parameters, %d rank(s) on %s, %d steps of %d per rank (%s data); model %s in "
+                 "%.2f s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, env.world_size,
+                 env.device.type, cfg.train.steps, cfg.train.batch_size, cfg.data.source,
+                 "initialised" if initialize else "allocated for a checkpoint", t_build)  # fmt: skip
         interfaces = {
             k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in os.environ
         }
@@ -154,31 +159,21 @@ def train(cfg: Config) -> LeJEPAModel:
     if probe is not None:
         state["probe"] = probe
     run_meta = {"config": to_yaml(cfg)}  # in every checkpoint's meta.json, with the wandb run id
-    checkpointer = build_checkpointer(cfg, state, {"loader": loader, "rng": rng}, run_meta)
+    checkpointer = build_checkpointer(cfg, env, state, {"loader": loader, "rng": rng}, run_meta)
     start_step = resume(cfg, env, checkpointer, model, loader, rng)
     preemption = PreemptionFlag()
     logger = MetricsLogger(
-        run_dir,
-        cfg.train.steps,
-        start_step=start_step,
-        enabled=env.is_main,
-        batch_size=cfg.train.batch_size,
-        world_size=env.world_size,
-        device=env.device,
-        flops_per_step=step_flops(cfg),
-        lam=cfg.loss.lam,
-        alpha=cfg.log.alpha,
-        alarm_after=cfg.optim.warmup_steps,
-        wandb_setting=cfg.log.wandb,
-        run_id=run_meta.get("wandb_run_id"),
-        project=cfg.log.project,
-        entity=cfg.log.entity,
-        name=cfg.run.name,
-        config=OmegaConf.to_container(OmegaConf.structured(cfg)),
-    )
+        run_dir, cfg.train.steps, start_step=start_step, enabled=env.is_main, batch_size=cfg.train.batch_size,
+        world_size=env.world_size, device=env.device, flops_per_step=step_flops(cfg), lam=cfg.loss.lam,
+        alpha=cfg.log.alpha, alarm_after=cfg.optim.warmup_steps, wandb_setting=cfg.log.wandb,
+        run_id=run_meta.get("wandb_run_id"), project=cfg.log.project, entity=cfg.log.entity,
+        name=cfg.run.name, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+    )  # fmt: skip
     if logger.run_id:
         run_meta["wandb_run_id"] = logger.run_id
 
+    if env.is_main:
+        log.info("training from step %d", start_step)
     batches = iter(loader)
     skipped = streak = torch.zeros((), device=env.device)  # skipped updates: in all, and in a row
     model.train()
@@ -213,10 +208,12 @@ def train(cfg: Config) -> LeJEPAModel:
                     embeddings=(out.z_global, out.z_local) if health else None,
                 )  # fmt: skip
                 stop_if_diverging(metrics["nonfinite_streak"], cfg, step, checkpointer)
-            control = (step + 1) % cfg.train.control_every == 0 or last
-            overdue = control and agree(step, preemption, checkpointer, logger)
-            if not last and (checkpointer.due(step + 1) or overdue):
+            saved = not last and checkpointer.due(step + 1)
+            if saved:  # before the agreement: a preemption right now completes this save
                 checkpointer.save(step + 1)
+            control = (step + 1) % cfg.train.control_every == 0 or last
+            if control and agree(step, preemption, checkpointer, logger) and not (last or saved):
+                checkpointer.save(step + 1)  # the time rule
     if start_step < cfg.train.steps or checkpointer.latest() is None:
         checkpointer.save(cfg.train.steps, blocking=True)
     logger.close()

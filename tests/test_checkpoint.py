@@ -4,6 +4,7 @@ half-written checkpoints, SIGUSR2, retention, tampered files, non-finite losses.
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import torch
 
 from lejepa_scale.checkpoint import CheckpointError, load_tensors
 from lejepa_scale.preemption import EXIT_PREEMPTED
-from tests.helpers import ENV, ROOT, TINY, losses, run_train, train_command, weights
+from tests.distributed import run_ranks
+from tests.helpers import ENV, ROOT, TINY, TINY_VIT, losses, run_train, train_command, weights
 
 SMALL = [*TINY, "train.log_every=1", "optim.warmup_steps=2"]
 
@@ -83,25 +85,42 @@ def test_half_written_checkpoint_is_ignored_and_removed(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["step-00000004", "step-00000006"]
 
 
-def test_sigusr2_saves_at_the_next_step_boundary_and_exits_for_requeue(tmp_path):
-    proc = subprocess.Popen(
-        command(tmp_path, 2, "train.steps=200", "checkpoint.every_steps=0", "checkpoint.every_minutes=0"),
-        env=ENV,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = tmp_path / "metrics.jsonl"
+def preempt(run_dir, *overrides):
+    """Train on 2 ranks, send SIGUSR2 to one of them after 3 logged steps; the trainer's stderr."""
+    proc = subprocess.Popen(command(run_dir, 2, "train.steps=200", *overrides), env=ENV, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
     os.kill(rank_pids(proc.pid)[0], signal.SIGUSR2)  # like `scancel --signal=USR2`, to one rank
     _, stderr = proc.communicate(timeout=120)
     assert f"exitcode  : {EXIT_PREEMPTED}" in stderr or f"exit code {EXIT_PREEMPTED}" in stderr.lower()
+    return stderr
+
+
+def test_sigusr2_saves_at_the_next_step_boundary_and_exits_for_requeue(tmp_path):
+    stderr = preempt(tmp_path, "checkpoint.every_steps=0", "checkpoint.every_minutes=0")
     saved = sorted((tmp_path / "checkpoints").iterdir())
     assert len(saved) == 1 and not saved[0].name.endswith(".tmp")
     step = int(saved[0].name.split("-")[1])
     assert 3 <= step < 200 and not (tmp_path / "model.pt").exists()
     assert max(s for s, _ in losses(tmp_path)) == step - 1  # stopped at the boundary it saved
+    assert f"preemption at step {step}: saved (" in stderr  # no checkpoint of this step existed
+
+
+def test_preemption_completes_the_save_in_flight_instead_of_saving_again(tmp_path):
+    """A background save of the current step is under way when the signal is agreed on (one every
+    step here): the trainer waits for it and exits; it writes no second checkpoint."""
+    stderr = preempt(
+        tmp_path, "checkpoint.every_steps=1", "train.control_every=1", "checkpoint.keep_last=100"
+    )
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    step = max(s for s, _ in losses(tmp_path)) + 1
+    assert saved[-1] == f"step-{step:08d}" and not any(name.endswith(".tmp") for name in saved)
+    message = re.search(rf"preemption at step {step}: (.*) \(", stderr).group(1)
+    assert message in (
+        "completed the background save of this step",
+        "the checkpoint of this step is complete",
+    )
 
 
 def test_retention_keeps_exactly_k_plus_the_permanent_ones(tmp_path):
@@ -231,3 +250,62 @@ def test_resume_at_another_world_size_reshards_and_continues(tmp_path, before, a
     run(tmp_path, after, "train.steps=5", "checkpoint.every_steps=0")  # and training continues
     assert [s for s, _ in losses(tmp_path)] == [0, 1, 2, 3, 4]
     assert (tmp_path / "checkpoints" / "step-00000005").exists()
+
+
+def hsdp_save_and_restart_worker(rank, world_size, folder):
+    from lejepa_scale.build import build_checkpointer, build_loss, build_optimizer, build_parallel_model
+    from lejepa_scale.checkpoint import ModelState, OptimizerState, replica_share
+    from lejepa_scale.config import load_config
+    from lejepa_scale.parallel import full_state_dict, init_distributed
+
+    overrides = [f"run.dir={folder}", TINY_VIT, "parallel.dp_replicate=2", "train.precision=fp32",
+                 "loss.num_slices=64"]  # fmt: skip
+    cfg = load_config(ROOT / "configs/demo_cpu.yaml", overrides)
+    env = init_distributed("cpu")
+    model = build_parallel_model(cfg, env)
+    optimizer = build_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(rank)
+    out = model(torch.randn(2, 4, 3, 24, 24, generator=gen), torch.randn(4, 4, 3, 12, 12, generator=gen))
+    build_loss(cfg)(out.z_global, out.z_local, 0).total.backward()
+    optimizer.step()
+    state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer)}
+    saver = build_checkpointer(cfg, env, state, {}, {})
+    saver.save(1, blocking=True)
+    written = (Path(folder) / "checkpoints/step-00000001" / f"__{rank}_0.distcp").stat().st_size
+    whole = replica_share({k: v.state_dict() for k, v in state.items()}, 0, 1)[
+        1
+    ]  # everything this rank holds
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        restarted = build_parallel_model(cfg, env, initialize=False)  # what a resume builds
+    broadcasts = sum(e.name == "c10d::broadcast_" for e in prof.events())
+    optimizer2 = build_optimizer(restarted, cfg)
+    loader = build_checkpointer(
+        cfg, env, {"model": ModelState(restarted), "optim": OptimizerState(restarted, optimizer2)}, {}, {}
+    )
+    loader.load(loader.latest())
+    same_optim = all(
+        torch.equal(optimizer.state[p][k].to_local(), optimizer2.state[q][k].to_local())
+        for p, q in zip(model.parameters(), restarted.parameters(), strict=True)
+        for k in ("exp_avg", "exp_avg_sq")
+    )
+    return (
+        saver.staged_bytes,
+        written,
+        whole,
+        broadcasts,
+        full_state_dict(model),
+        full_state_dict(restarted),
+        same_optim,
+    )
+
+
+def test_hsdp_replicas_stage_only_what_they_write_and_a_restart_loads_without_broadcast(tmp_path):
+    """HSDP 2 x 2: each rank copies to host only its share of the checkpoint; a model built for a
+    resume is only allocated (no init broadcast) and equals the saved one after loading."""
+    results = run_ranks(hsdp_save_and_restart_worker, 4, str(tmp_path))
+    for staged, written, whole, broadcasts, _, _, same_optim in results:
+        assert staged <= 1.05 * written  # it stages what it writes...
+        assert staged < 0.6 * whole  # ...about half of what it holds (2 replicas)
+        assert broadcasts == 0 and same_optim
+    saved, restarted = results[0][4], results[0][5]
+    assert saved.keys() == restarted.keys() and all(torch.equal(saved[k], restarted[k]) for k in saved)
