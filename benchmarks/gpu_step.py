@@ -35,7 +35,7 @@ from lejepa_scale.metrics import peak_tflops  # noqa: E402
 from lejepa_scale.plan import GiB, make_plan, model_shape, step_flops  # noqa: E402
 
 RECIPES = {"ViT-H/14": "configs/vit_h14_in1k.yaml", "ViT-g/14": "configs/vit_g14_in1k_16nodes.yaml"}
-SMOKE = {"tiny ViT (CPU)": "configs/demo_cpu.yaml"}
+SMOKE = {"tiny ViT (CPU)": "configs/demo_cpu_vit.yaml"}
 SYNTHETIC = ["data.source=digits", "data.train=null", "data.val=null", "checkpoint.enabled=false",
              "log.wandb=disabled", "log.health_every=100000", "parallel.dp_replicate=1",
              "train.sync_debug=true"]  # fmt: skip

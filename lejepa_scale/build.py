@@ -25,6 +25,7 @@ from lejepa_scale.objective import LeJEPALoss
 from lejepa_scale.parallel import DistEnv, build_mesh, parallelize
 from lejepa_scale.probe import OnlineProbe
 from lejepa_scale.sigreg import SIGReg
+from lejepa_scale.swa import WeightAverage
 
 
 def build_model(cfg: Config) -> LeJEPAModel:
@@ -37,6 +38,7 @@ def build_model(cfg: Config) -> LeJEPAModel:
             img_size=cfg.views.global_size,
             proj_hidden_dim=cfg.model.proj_hidden_dim,
             proj_dim=cfg.model.proj_dim,
+            proj_embed_dim=cfg.model.proj_embed_dim,
             drop_path=cfg.model.drop_path,
             backbone_kwargs=dict(cfg.model.backbone_kwargs),
         )
@@ -60,6 +62,14 @@ def build_parallel_model(cfg: Config, env: DistEnv, initialize: bool = True) -> 
         float8=cfg.train.float8_recipe if cfg.train.float8 else None,
         initialize=initialize,
     )
+
+
+def build_swa(cfg: Config, env: DistEnv, model: LeJEPAModel) -> WeightAverage | None:
+    """The SWA target, when `model.swa_target`: a second model sharded like `model`, holding the
+    average (its weights come from `model`, so it is only allocated)."""
+    if not cfg.model.swa_target:
+        return None
+    return WeightAverage(build_parallel_model(cfg, env, initialize=False), model, cfg.model.swa_start)
 
 
 def build_loss(cfg: Config) -> LeJEPALoss:

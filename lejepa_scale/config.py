@@ -35,6 +35,9 @@ class ModelConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     proj_hidden_dim: int = 2048
     proj_dim: int = 128  # the paper found small outputs (64-128) slightly better than 512+
+    proj_embed_dim: int = 0  # a Linear to this width before the MLP, as the official code (512); 0: none
+    swa_target: bool = False  # centres from a weight average of the model (the paper's Table 4, ViTs)
+    swa_start: int = 0  # the step the average starts at (before, it follows the model)
     drop_path: float = 0.0
 
 

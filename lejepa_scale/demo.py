@@ -1,8 +1,10 @@
 """`python -m lejepa_scale.demo [key=value ...]`: the CPU demo, end to end.
 
 Pretrains `configs/demo_cpu.yaml` with LeJEPA, then fits the same linear probe on frozen features
-of the pretrained backbone, of its random initialisation, and on raw pixels, and prints the three
-test accuracies (also written to `<run.dir>/probe.json`).
+of the pretrained backbone, of its random initialisation, and on raw pixels, all at the images'
+native size, and prints the three test accuracies. The checkpoints the run keeps (every
+`checkpoint.keep_every` steps) give the learning curve: `<run.dir>/probe.json` and
+`<run.dir>/learning_curve.png`.
 """
 
 from __future__ import annotations
@@ -14,80 +16,96 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from data_pipeline.builtin import load_builtin
 from data_pipeline.views import normalize
 from lejepa_scale.build import build_model
+from lejepa_scale.checkpoint import checkpoint_step, complete_checkpoints, load_model_weights
 from lejepa_scale.config import Config, load_config
 from lejepa_scale.metrics import configure_logging
 from lejepa_scale.parallel import init_distributed
 from lejepa_scale.probe import extract_features, linear_probe
+from lejepa_scale.report import learning_curve_plot
 from lejepa_scale.train import train
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
 log = logging.getLogger("lejepa_scale.demo")
 
 
-def probe_backbones(cfg: Config, pretrained: torch.nn.Module) -> dict[str, dict[str, float]]:
-    """Linear-probe accuracy of frozen features: pretrained vs random init vs raw pixels."""
-    data = load_builtin(cfg.data.source, cfg.data.root)
-    n_train = cfg.eval.probe_train_size or len(data.train_images)
-    n_test = cfg.eval.probe_test_size or len(data.test_images)
-    subset = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.run.seed))[
-        :n_train
-    ]
-    train_x, train_y = data.train_images[subset], data.train_labels[subset]
-    test_x, test_y = data.test_images[:n_test], data.test_labels[:n_test]
-    device = init_distributed(cfg.train.device).device
+class Prober:
+    """The demo's linear probe on frozen features of a fixed split, at the images' native size."""
 
-    def prepare(x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div(255).expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=cfg.views.global_size, mode="bilinear", antialias=True, align_corners=False)
-        return normalize(x, cfg.views.mean, cfg.views.std)
+    def __init__(self, cfg: Config):
+        data = load_builtin(cfg.data.source, cfg.data.root)
+        n_train = cfg.eval.probe_train_size or len(data.train_images)
+        n_test = cfg.eval.probe_test_size or len(data.test_images)
+        subset = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.run.seed))
+        self.train = data.train_images[subset[:n_train]], data.train_labels[subset[:n_train]]
+        self.test = data.test_images[:n_test], data.test_labels[:n_test]
+        self.dataset, self.cfg = data.name, cfg
+        self.device = init_distributed(cfg.train.device).device
 
-    def probe(encode, name: str, prep=prepare) -> dict[str, float]:
-        t0 = time.perf_counter()
+    def __call__(self, encode, name: str, pixels: bool = False) -> dict[str, float]:
+        cfg, t0 = self.cfg, time.perf_counter()
+
+        def prepare(x: torch.Tensor) -> torch.Tensor:
+            x = x.float().div(255)
+            if pixels:
+                return x.flatten(1)
+            return normalize(x.expand(-1, 3, -1, -1), cfg.views.mean, cfg.views.std)
+
         feats = [
-            extract_features(encode, x, batch_size=cfg.eval.batch_size, device=device, prepare=prep)
-            for x in (train_x, test_x)
+            extract_features(encode, x, batch_size=cfg.eval.batch_size, device=self.device, prepare=prepare)
+            for x in (self.train[0], self.test[0])
         ]
-        result = linear_probe(
-            feats[0],
-            train_y,
-            feats[1],
-            test_y,
-            epochs=cfg.eval.probe_epochs,
-            lr=cfg.eval.probe_lr,
-            seed=cfg.run.seed,
-        )
+        result = linear_probe(feats[0], self.train[1], feats[1], self.test[1], epochs=cfg.eval.probe_epochs,
+                              lr=cfg.eval.probe_lr, seed=cfg.run.seed)  # fmt: skip
         log.info("%s probe: top-1 %.4f (%.0f s)", name, result.top1, time.perf_counter() - t0)
         return {"top1": result.top1, "top5": result.top5}
 
-    random_init = build_model(cfg).to(device).eval()
-    pretrained.eval()
-    return {
-        "pretrained": probe(pretrained.features, "pretrained"),
-        "random_init": probe(random_init.features, "random init"),
-        "raw_pixels": probe(lambda x: x.flatten(1), "raw pixels", prep=lambda x: x.float().div(255)),
-        "probe_train_size": n_train,
-        "probe_test_size": n_test,
-        "dataset": data.name,
+
+def probe_run(cfg: Config, pretrained: torch.nn.Module) -> dict:
+    """Pretrained vs random init vs raw pixels, and the pretrained features at every checkpoint
+    the run kept (its learning curve)."""
+    prober = Prober(cfg)
+    random_init = build_model(cfg).to(prober.device).eval()
+    curve = []
+    for step_dir in complete_checkpoints(Path(cfg.run.dir) / "checkpoints"):
+        model, step = build_model(cfg), checkpoint_step(step_dir)
+        if step >= cfg.train.steps:
+            continue  # the final weights are `pretrained` below
+        load_model_weights(step_dir, model)
+        curve.append({"step": step, **prober(model.to(prober.device).eval().features, f"step {step}")})
+    results = {
+        "pretrained": prober(pretrained.eval().features, "pretrained"),
+        "random_init": prober(random_init.features, "random init"),
+        "raw_pixels": prober(lambda x: x, "raw pixels", pixels=True),
+        "probe_train_size": len(prober.train[0]),
+        "probe_test_size": len(prober.test[0]),
+        "dataset": prober.dataset,
+        "image_size": prober.test[0].shape[-1],
     }
+    results["curve"] = [*curve, {"step": cfg.train.steps, **results["pretrained"]}]
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo_cpu.yaml")
+    parser.add_argument(
+        "--config", type=Path, default=DEMO_CONFIG, help="the demo recipe (a ViT: configs/demo_cpu_vit.yaml)"
+    )
     args = parser.parse_args(argv)
     configure_logging()
-    cfg = load_config(DEMO_CONFIG, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
     model = train(cfg)
     t_train = time.perf_counter() - t0
-    results = probe_backbones(cfg, model)
+    results = probe_run(cfg, model)
     results.update(train_seconds=round(t_train, 1), total_seconds=round(time.perf_counter() - t0, 1))
-    Path(cfg.run.dir, "probe.json").write_text(json.dumps(results, indent=2))
+    run_dir = Path(cfg.run.dir)
+    (run_dir / "probe.json").write_text(json.dumps(results, indent=2))
+    plot = learning_curve_plot(results, run_dir / "learning_curve.png")
     gain = 100 * (results["pretrained"]["top1"] - results["random_init"]["top1"])
     rows = [
         (f"LeJEPA pretrained ({cfg.train.steps} steps)", f"{results['pretrained']['top1']:.4f}"),
@@ -97,10 +115,13 @@ def main(argv: list[str] | None = None) -> None:
         ("wall time", f"{results['total_seconds']:.0f} s"),
     ]
     width = max(len(label) for label, _ in rows)
-    test_set = f"{results['dataset']} test set ({results['probe_test_size']} images)"
-    print(f"\nLinear probe on frozen features, {test_set}:")
+    test_set = (
+        f"{results['dataset']} test set ({results['probe_test_size']} images, {results['image_size']} px)"
+    )
+    print(f"\nLinear probe on frozen features ({cfg.model.name}), {test_set}:")
     for label, value in rows:
         print(f"  {label:<{width}} : {value}")
+    print(f"learning curve: {plot}")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ log = logging.getLogger("lejepa_scale.evaluate")
 
 
 def feature_fn(backbone: torch.nn.Module, kind: str):
-    """cls: the last layer's CLS (mean of patch tokens without one); cls2: the CLS of the last two
-    layers, concatenated (the reference README's probe for large ViTs); mean: mean of patch tokens."""
+    """(encode, the feature it gives). cls2: the CLS tokens of the last two layers, concatenated
+    (the official protocol, with the probe's LayerNorm); cls: the last layer's CLS; mean: the mean
+    of the last layer's patch tokens. A backbone without a CLS token (a CNN) gives `mean` (of its
+    last feature map) for every kind, and says so."""
     prefix = getattr(backbone, "num_prefix_tokens", 0)
     has_cls = getattr(backbone, "cls_token", None) is not None
 
@@ -50,11 +52,14 @@ def feature_fn(backbone: torch.nn.Module, kind: str):
         )
         return torch.cat([prefix_tokens[:, 0] for _, prefix_tokens in layers], dim=1)
 
+    if not has_cls:
+        return last_layer, "mean (no CLS token)" if kind != "mean" else "mean"
     if kind == "cls2":
-        if not (has_cls and hasattr(backbone, "forward_intermediates")):
-            raise ValueError("--feature cls2 needs a ViT with a CLS token; use --feature mean")
-        return last_two
-    return last_layer
+        if not hasattr(backbone, "forward_intermediates"):
+            name = type(backbone).__name__
+            raise ValueError(f"--feature cls2 needs timm's forward_intermediates ({name} lacks it): use cls")
+        return last_two, "cls2"
+    return last_layer, kind
 
 
 @torch.no_grad()
@@ -122,7 +127,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     env = init_distributed(args.device)
     model, cfg, step_dir = load_run(args.checkpoint, args.random_init)
     backbone = model.backbone.to(env.device)
-    encode = feature_fn(backbone, args.feature)
+    encode, feature = feature_fn(backbone, args.feature)
     size = args.image_size or cfg.views.global_size
     mean, std = cfg.views.mean, cfg.views.std
     t0 = time.perf_counter()
@@ -143,7 +148,16 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     results = {}
     if args.probe in ("linear", "both"):
         results["linear"] = asdict(
-            linear_probe(train_x, train_y, val_x, val_y, epochs=args.epochs, lr=args.lr, batch_size=256)
+            linear_probe(
+                train_x,
+                train_y,
+                val_x,
+                val_y,
+                epochs=args.epochs,
+                lr=args.lr,
+                batch_size=256,
+                warmup_epochs=args.warmup_epochs,
+            )  # fmt: skip
         )
     if args.probe in ("knn", "both"):
         results["knn"] = asdict(
@@ -152,7 +166,16 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     return {
         "checkpoint": str(step_dir),
         "weights": "random_init" if args.random_init else "pretrained",
-        "feature": args.feature,
+        "feature": feature,
+        "probe": {
+            "head": "LayerNorm + Linear",
+            "optimizer": "AdamW",
+            "lr": args.lr,
+            "weight_decay": 1e-6,
+            "epochs": args.epochs,
+            "warmup_epochs": args.warmup_epochs,
+            "schedule": "linear warm-up, cosine",
+        },
         "train": args.train,
         "val": args.val,
         "train_images": len(train_x),
@@ -168,11 +191,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", required=True, help="labelled training data (see the module docstring)")
     p.add_argument("--val", required=True, help="labelled evaluation data")
     p.add_argument("--probe", choices=("linear", "knn", "both"), default="both")
-    p.add_argument("--feature", choices=("cls", "cls2", "mean"), default="cls")
+    p.add_argument(
+        "--feature",
+        choices=("cls", "cls2", "mean"),
+        default="cls2",
+        help="cls2 (official): CLS of the last two layers; cls: last layer's CLS; mean: of patch tokens",
+    )
     p.add_argument("--shots", type=int, default=0, help="few-shot: K labelled training images per class")
     p.add_argument("--max-train", type=int, default=0, help="a seeded subset of the training images (0: all)")
     p.add_argument("--max-val", type=int, default=0, help="a seeded subset of the evaluation images (0: all)")
     p.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    p.add_argument(
+        "--warmup-epochs", type=int, help="linear probe warm-up (then cosine); default: epochs / 10"
+    )
     p.add_argument("--lr", type=float, default=1e-2, help="linear probe AdamW lr")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--temperature", type=float, default=0.07)
@@ -181,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="JSON results (default: <run dir>/eval.json)")
     args = p.parse_args(argv)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = args.epochs // 10
     configure_logging()
     try:
         report = evaluate(args)

@@ -88,11 +88,15 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return y * self.weight.float() + self.bias.float() if self.affine else y
 
 
-def mlp_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+def mlp_projector(in_dim: int, hidden_dim: int, out_dim: int, embed_dim: int = 0) -> nn.Sequential:
     """Linear-BN-ReLU, Linear-BN-ReLU, Linear (the reference code's projector), BN over the global
-    batch. The Linears before a BN have no bias: BN removes it, so it would only collect noise."""
+    batch. The Linears before a BN have no bias: BN removes it, so it would only collect noise.
+    With `embed_dim`, a Linear from the backbone width to that "embedding" comes first, as in the
+    official code (timm's head Linear, then the MLP; no norm or activation between)."""
+    embed = [nn.Linear(in_dim, embed_dim)] if embed_dim else []
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim, bias=False),
+        *embed,
+        nn.Linear(embed_dim or in_dim, hidden_dim, bias=False),
         GlobalBatchNorm1d(hidden_dim),
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, hidden_dim, bias=False),
@@ -114,6 +118,7 @@ class LeJEPAModel(nn.Module):
         img_size: int = 224,
         proj_hidden_dim: int = 2048,
         proj_dim: int = 128,
+        proj_embed_dim: int = 0,
         drop_path: float = 0.0,
         backbone_kwargs: dict | None = None,
     ):
@@ -121,7 +126,7 @@ class LeJEPAModel(nn.Module):
         self.backbone = create_backbone(
             name, img_size=img_size, drop_path=drop_path, **(backbone_kwargs or {})
         )
-        self.projector = mlp_projector(self.backbone.num_features, proj_hidden_dim, proj_dim)
+        self.projector = mlp_projector(self.backbone.num_features, proj_hidden_dim, proj_dim, proj_embed_dim)
         self.blocks_take_lists = takes_token_lists(self.backbone)
 
     @property

@@ -41,12 +41,14 @@ class LeJEPALoss(nn.Module):
         z_local: torch.Tensor | None,
         step: int,
         group: dist.ProcessGroup | None = None,
+        centres: torch.Tensor | None = None,
     ) -> LossParts:
-        """z_global: (Vg, N, K) embeddings of the global views; z_local: (Vl, N, K) or None."""
+        """z_global: (Vg, N, K) embeddings of the global views; z_local: (Vl, N, K) or None;
+        `centres` (N, K): given targets (an SWA model's, no gradient) instead of z_global's mean."""
         with torch.autocast(device_type=z_global.device.type, enabled=False):
             z_global = z_global.float() if z_global.dtype != torch.float64 else z_global
             views = z_global if z_local is None else torch.cat([z_global, z_local.to(z_global.dtype)])
-            centres = z_global.mean(0)
+            centres = z_global.mean(0) if centres is None else centres.to(z_global.dtype)
             prediction = (centres - views).square().mean()
             per_view = self.sigreg.slice_statistics(views, step, group).mean(-1)
             sigreg = per_view.mean()

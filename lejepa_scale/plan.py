@@ -47,6 +47,7 @@ class ModelShape:
     prefix_tokens: int
     proj_hidden: int
     proj_dim: int
+    proj_embed: int
 
 
 def model_shape(cfg: Config) -> ModelShape:
@@ -69,6 +70,7 @@ def model_shape(cfg: Config) -> ModelShape:
         prefix_tokens=backbone.num_prefix_tokens,
         proj_hidden=cfg.model.proj_hidden_dim,
         proj_dim=cfg.model.proj_dim,
+        proj_embed=cfg.model.proj_embed_dim,
     )
 
 
@@ -89,7 +91,12 @@ def flops_per_sample(shape: ModelShape, cfg: Config) -> float:
         patches = tokens - shape.prefix_tokens
         block = 2 * tokens * block_matmul + 4 * tokens * tokens * d
         embed = 2 * patches * 3 * shape.patch**2 * d
-        projector = 2 * (d * shape.proj_hidden + shape.proj_hidden**2 + shape.proj_hidden * shape.proj_dim)
+        into_mlp = (
+            d * shape.proj_embed + shape.proj_embed * shape.proj_hidden
+            if shape.proj_embed
+            else d * shape.proj_hidden
+        )
+        projector = 2 * (into_mlp + shape.proj_hidden**2 + shape.proj_hidden * shape.proj_dim)
         total += views * (shape.depth * block + embed + projector)
     return 3 * total
 

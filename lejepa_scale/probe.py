@@ -83,19 +83,25 @@ def linear_probe(
     lr: float = 1e-2,
     batch_size: int = 256,
     weight_decay: float = 1e-6,
+    warmup_epochs: int = 0,
     seed: int = 0,
 ) -> ProbeResult:
-    """LayerNorm + Linear on frozen features, AdamW with warm-up-free cosine decay (the reference
-    README's probe); returns test top-1/top-5 accuracy."""
+    """LayerNorm + Linear on frozen features, AdamW (weight decay 1e-6), linear warm-up over
+    `warmup_epochs` then cosine decay (the official evaluation protocol); returns test top-1/top-5."""
     gen = torch.Generator().manual_seed(seed)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     torch.manual_seed(seed)
     head = nn.Sequential(nn.LayerNorm(train_x.shape[1]), nn.Linear(train_x.shape[1], num_classes))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    total = epochs * math.ceil(len(train_x) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
-    )
+    per_epoch = math.ceil(len(train_x) / batch_size)
+    total, warmup = epochs * per_epoch, warmup_epochs * per_epoch
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(i - warmup, total - warmup) / max(1, total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=gen)
         for start in range(0, len(order), batch_size):

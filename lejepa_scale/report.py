@@ -121,6 +121,21 @@ def pca_picture(run_dir: Path, out: Path, n_images: int) -> Path:
     return _save(fig, out / "pca_patches.png")
 
 
+def learning_curve_plot(results: dict, out: Path) -> Path:
+    """Probe accuracy of the pretrained features against training steps, with random init and raw
+    pixels as flat lines (the demo's `probe.json`)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [point["step"] for point in results["curve"]]
+    ax.plot(steps, [point["top1"] for point in results["curve"]], marker="o", label="LeJEPA pretrained")
+    ax.axhline(results["raw_pixels"]["top1"], color="gray", ls="--", label="raw pixels")
+    ax.axhline(results["random_init"]["top1"], color="red", ls=":", label="random init (same architecture)")
+    ax.set(
+        xlabel="training step", ylabel="linear probe top-1", title=f"{results['dataset']}: frozen features"
+    )
+    ax.legend()
+    return _save(fig, out)
+
+
 def final_loss(records: list[dict], fraction: float = 0.1) -> float:
     """Mean training loss over the last `fraction` of logged steps (one noisy step is not a signal)."""
     losses = [r["loss"] for r in records if "loss" in r]

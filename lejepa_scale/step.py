@@ -16,6 +16,7 @@ from torchtitan.distributed.utils import clip_grad_norm_
 
 from lejepa_scale.model import LeJEPAModel, ModelOutput
 from lejepa_scale.objective import LeJEPALoss, LossParts
+from lejepa_scale.swa import WeightAverage
 
 
 @dataclass
@@ -40,14 +41,17 @@ def train_step(
     *,
     clip_grad: float = 0.0,
     before_update=None,
+    target: WeightAverage | None = None,
 ) -> StepResult:
     """Forward every crop size, the LeJEPA loss (SIGReg over the global batch), backward, AdamW.
     The gradient norm is global (one all-reduce), so a NaN/Inf anywhere makes it non-finite on every
     rank and every rank skips the update. `clip_grad` > 0 clips to that norm. `before_update` runs
-    right before parameters change (the checkpointer waits there for its background copy)."""
+    right before parameters change (the checkpointer waits there for its background copy). With an
+    SWA `target`, the centres come from it, and it averages the updated weights."""
     with autocast:
         out = model(views[0], views[1] if len(views) > 1 else None)
-    parts = loss_fn(out.z_global, out.z_local, step)
+    centres = target.centres(views[0], autocast) if target is not None else None
+    parts = loss_fn(out.z_global, out.z_local, step, centres=centres)
     optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
     norm = grad_norm(model, clip_grad)
@@ -58,6 +62,8 @@ def train_step(
     optimizer.found_inf = skipped  # read by fused AdamW on the device: no update, no step count
     optimizer.step()
     scheduler.step()
+    if target is not None:
+        target.update(step)
     return StepResult(parts, out, lr, norm, skipped)
 
 

@@ -32,6 +32,7 @@ from lejepa_scale.build import (
     build_photometric,
     build_probe,
     build_scheduler,
+    build_swa,
 )
 from lejepa_scale.checkpoint import (
     Checkpointer,
@@ -140,6 +141,7 @@ def train(cfg: Config) -> LeJEPAModel:
     loader, num_classes = build_loader(cfg, env)
     photometric = build_photometric(cfg)
     probe = build_probe(cfg, model.feature_dim, num_classes, env)
+    swa = build_swa(cfg, env, model)
     augment_gen = torch.Generator(device=env.device)
     rng = RandomState({"augment": augment_gen})
     rng.seed(rank_seed(cfg.run.seed, env.rank))
@@ -156,8 +158,7 @@ def train(cfg: Config) -> LeJEPAModel:
             log.info("network interface: %s", ", ".join(f"{k}={v}" for k, v in interfaces.items()))
 
     state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer), "schedule": scheduler}
-    if probe is not None:
-        state["probe"] = probe
+    state |= {name: part for name, part in (("probe", probe), ("swa", swa)) if part is not None}
     run_meta = {"config": to_yaml(cfg)}  # in every checkpoint's meta.json, with the wandb run id
     checkpointer = build_checkpointer(cfg, env, state, {"loader": loader, "rng": rng}, run_meta)
     start_step = resume(cfg, env, checkpointer, model, loader, rng)
@@ -189,7 +190,7 @@ def train(cfg: Config) -> LeJEPAModel:
             views = [photometric(v.to(env.device, non_blocking=True), augment_gen) for v in batch.views]
             result = train_step(
                 model, loss_fn, optimizer, scheduler, views, step, autocast,
-                clip_grad=cfg.optim.clip_grad, before_update=checkpointer.wait_for_staging,
+                clip_grad=cfg.optim.clip_grad, before_update=checkpointer.wait_for_staging, target=swa,
             )  # fmt: skip
             skipped, streak = skipped + result.skipped, (streak + 1) * result.skipped
             counters = {"skipped_nonfinite": skipped, "nonfinite_streak": streak,

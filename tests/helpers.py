@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).parent.parent
-DEMO = ROOT / "configs" / "demo_cpu.yaml"
+DEMO = ROOT / "configs" / "demo_cpu_vit.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 TINY_VIT = "model.backbone_kwargs={patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2}"  # 0.1M params
 TINY = ["train.batch_size=16", "loss.num_slices=64", TINY_VIT]  # a few seconds per step on one core
 
 
 def train_command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
-    """`python -m lejepa_scale.train --config configs/demo_cpu.yaml run.dir=... OVERRIDES`, under
+    """`python -m lejepa_scale.train --config configs/demo_cpu_vit.yaml run.dir=... OVERRIDES`, under
     torchrun with `nproc` gloo ranks when nproc > 1."""
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     trainer = ["-m", "lejepa_scale.train", "--config", str(DEMO), f"run.dir={run_dir}"]

@@ -205,7 +205,7 @@ def test_export_loads_into_timm_with_matching_outputs(tmp_path):
         meta["timm_model"], num_classes=0, dynamic_img_size=True, **json.loads(meta["timm_kwargs"])
     ).eval()
     backbone.load_state_dict(load_file(str(out)), strict=True)
-    cfg = load_config(ROOT / "configs/demo_cpu.yaml", [f"run.dir={tmp_path}", *SMALL])
+    cfg = load_config(ROOT / "configs/demo_cpu_vit.yaml", [f"run.dir={tmp_path}", *SMALL])
     trained = build_model(cfg).eval()
     trained.load_state_dict(weights(tmp_path))
     images = torch.randn(3, 3, 24, 24)
@@ -260,7 +260,7 @@ def hsdp_save_and_restart_worker(rank, world_size, folder):
 
     overrides = [f"run.dir={folder}", TINY_VIT, "parallel.dp_replicate=2", "train.precision=fp32",
                  "loss.num_slices=64"]  # fmt: skip
-    cfg = load_config(ROOT / "configs/demo_cpu.yaml", overrides)
+    cfg = load_config(ROOT / "configs/demo_cpu_vit.yaml", overrides)
     env = init_distributed("cpu")
     model = build_parallel_model(cfg, env)
     optimizer = build_optimizer(model, cfg)

@@ -53,7 +53,7 @@ def test_every_recipe_loads(recipe):
 
 def test_renamed_keys_name_their_new_place(tmp_path):
     with pytest.raises(ConfigError, match=r"views\.blur_p is now views\.photometric\.blur_p"):
-        load_config("configs/demo_cpu.yaml", ["run.dir=x", "views.blur_p=0.1"])
+        load_config("configs/demo_cpu_vit.yaml", ["run.dir=x", "views.blur_p=0.1"])
     recipe = tmp_path / "old.yaml"
     recipe.write_text("run: {dir: x}\nviews: {hue: 0.0, n_local: 2}\n")
     with pytest.raises(ConfigError, match=r"views\.hue is now views\.photometric\.hue"):
@@ -70,12 +70,12 @@ def test_configs_saved_before_the_rename_still_load():
 
 def test_shards_with_a_built_in_source_is_an_error_naming_data_source():
     with pytest.raises(ConfigError, match=r"data\.source .*set data\.source=shards"):
-        load_config("configs/demo_cpu.yaml", ["run.dir=x", "data.train=/data/shards"])
+        load_config("configs/demo_cpu_vit.yaml", ["run.dir=x", "data.train=/data/shards"])
 
 
 def test_a_dict_override_replaces_the_recipes_dict():
     resnet = ["run.dir=x", "model.name=resnet10t", "model.backbone_kwargs={}"]
-    cfg = load_config("configs/demo_cpu.yaml", resnet)
+    cfg = load_config("configs/demo_cpu_vit.yaml", resnet)
     assert cfg.model.backbone_kwargs == {}
-    cfg = load_config("configs/demo_cpu.yaml", ["run.dir=x", "model.backbone_kwargs.depth=2"])
+    cfg = load_config("configs/demo_cpu_vit.yaml", ["run.dir=x", "model.backbone_kwargs.depth=2"])
     assert cfg.model.backbone_kwargs == {"patch_size": 4, "embed_dim": 128, "depth": 2, "num_heads": 4}

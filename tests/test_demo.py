@@ -40,7 +40,7 @@ def test_short_demo_run_completes_and_writes_metrics(tmp_path):
 
 def test_config_typo_fails_before_training(tmp_path):
     result = run(
-        "lejepa_scale.train", "--config", "configs/demo_cpu.yaml", f"run.dir={tmp_path}", "train.stpes=3"
+        "lejepa_scale.train", "--config", "configs/demo_cpu_vit.yaml", f"run.dir={tmp_path}", "train.stpes=3"
     )
     assert result.returncode != 0
     assert "train.stpes" in result.stderr and "Did you mean: 'steps'" in result.stderr

@@ -59,6 +59,38 @@ def test_pretrained_features_beat_random_init_on_fashion_mnist(tmp_path):
         assert pretrained[probe]["top1"] > random_init[probe]["top1"] + 0.03, (pretrained, random_init)
 
 
+def test_the_default_protocol_is_the_official_one_and_cls_keeps_the_plain_probe(tiny_run, images, tmp_path):
+    """Default: CLS of the last two layers, LayerNorm + Linear, AdamW wd 1e-6, warm-up then cosine.
+    `--feature cls --warmup-epochs 0` is the plain probe on the last layer's CLS, number for number."""
+    from data_pipeline.labelled import labelled_images
+    from lejepa_scale.probe import linear_probe
+
+    data = images / "folder"
+    common = ["--checkpoint", tiny_run, "--train", data, "--val", data, "--probe", "linear"]
+    run_evaluate(*common, "--epochs", 20, "--out", tmp_path / "default.json")
+    default = json.loads((tmp_path / "default.json").read_text())
+    assert default["feature"] == "cls2"
+    protocol = {"head": "LayerNorm + Linear", "optimizer": "AdamW", "lr": 1e-2, "weight_decay": 1e-6,
+                "epochs": 20, "warmup_epochs": 2, "schedule": "linear warm-up, cosine"}  # fmt: skip
+    assert default["probe"] == protocol  # warm-up: a tenth of the epochs
+    run_evaluate(
+        *common, "--epochs", 5, "--feature", "cls", "--warmup-epochs", 0, "--out", tmp_path / "cls.json"
+    )
+    model, cfg, _ = load_run(tiny_run)
+    encode, _ = evaluate.feature_fn(model.backbone, "cls")
+    (x, y), = list(labelled_images(str(data), "train", cfg.views.global_size))  # fmt: skip
+    feats = evaluate.extract(encode, [(x, y)], cfg.views.mean, cfg.views.std, torch.device("cpu"))[0]
+    plain = linear_probe(feats, y, feats, y, epochs=5, lr=1e-2, batch_size=256)
+    assert json.loads((tmp_path / "cls.json").read_text())["linear"]["top1"] == plain.top1
+
+
+def test_a_cnn_says_its_feature_is_the_mean(tmp_path):
+    from lejepa_scale.model import create_backbone
+
+    encode, name = evaluate.feature_fn(create_backbone("resnet10t", img_size=32).eval(), "cls")
+    assert name == "mean (no CLS token)" and encode(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
 def test_knn_matches_a_brute_force_numpy_reference():
     rng = np.random.default_rng(0)
     train_x, test_x = rng.normal(size=(200, 12)), rng.normal(size=(57, 12))
@@ -95,7 +127,8 @@ def test_feature_kinds_and_few_shot(tiny_run, images, tmp_path):
     data = images / "folder"
     for feature, dim in (("cls", 64), ("cls2", 128), ("mean", 64)):
         backbone = load_run(tiny_run)[0].backbone
-        assert evaluate.feature_fn(backbone, feature)(torch.randn(2, 3, 24, 24)).shape == (2, dim)
+        encode, name = evaluate.feature_fn(backbone, feature)
+        assert encode(torch.randn(2, 3, 24, 24)).shape == (2, dim) and name == feature
     out = tmp_path / "few.json"
     run_evaluate("--checkpoint", tiny_run, "--train", data, "--val", data, "--shots", 2, "--feature", "cls2",
                  "--epochs", 5, "--out", out)  # fmt: skip

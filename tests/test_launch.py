@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lejepa_scale.launch import main, parse_time
-from tests.helpers import ENV, ROOT, TINY_VIT, losses
+from tests.helpers import DEMO, ENV, ROOT, TINY_VIT, losses
 
 STEPS = 80
 TINY = [
@@ -50,7 +50,7 @@ def launch(*args, check=True):
 
 
 def submit(run_dir, *extra, cli=False):
-    args = ["--config", ROOT / "configs/demo_cpu.yaml", *CPU_JOB, *extra, f"run.dir={run_dir}", *TINY]
+    args = ["--config", DEMO, *CPU_JOB, *extra, f"run.dir={run_dir}", *TINY]
     if cli:  # the real command line, as a user types it
         command = [sys.executable, "-m", "lejepa_scale.launch", *map(str, args)]
         out = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT, check=True).stdout
@@ -227,9 +227,7 @@ def test_config_error_fails_before_anything_is_queued(slurm, tmp_path):
         ("data.source=shards", "data.train"),
         (f"data.train={tmp_path}/shards", "data.source"),
     ]:
-        result = launch(
-            "--config", ROOT / "configs/demo_cpu.yaml", *CPU_JOB, f"run.dir={tmp_path}/r", typo, check=False
-        )
+        result = launch("--config", DEMO, *CPU_JOB, f"run.dir={tmp_path}/r", typo, check=False)
         assert result.returncode != 0 and "nothing submitted" in result.stderr and message in result.stderr
     assert known_jobs() <= before  # nothing new (finished jobs may age out meanwhile)
     assert not (tmp_path / "r").exists()
@@ -261,7 +259,7 @@ def test_dry_run_for_16_nodes_prints_the_sbatch_script_without_slurm(tmp_path):
 
 
 def test_local_mode_runs_the_same_job_with_torchrun(uninterrupted, tmp_path):
-    args = ["--config", ROOT / "configs/demo_cpu.yaml", "--local", "2", "--network-interface", "lo",
+    args = ["--config", DEMO, "--local", "2", "--network-interface", "lo",
             f"run.dir={tmp_path}", *TINY]  # fmt: skip
     command = [sys.executable, "-m", "lejepa_scale.launch", *map(str, args)]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
@@ -279,7 +277,7 @@ def test_sbatch_template_trains_and_requeues_itself_on_usr2(uninterrupted, tmp_p
         ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}",
          f"--export=ALL,NPROC_PER_NODE=2,PYTHON={sys.executable},NETWORK_INTERFACE=lo",
          ROOT / "slurm/train.sbatch",
-         ROOT / "configs/demo_cpu.yaml", f"run.dir={tmp_path}", *TINY],
+         DEMO, f"run.dir={tmp_path}", *TINY],
         capture_output=True, text=True, env=ENV, cwd=tmp_path, check=True,
     )  # fmt: skip
     job_id = submitted.stdout.strip()

@@ -38,7 +38,7 @@ def test_wandb_offline_run_and_a_resume_that_continues_the_same_run(tmp_path):
         b"health/effective_rank",
     ):
         assert key in log, key
-    assert b"demo_cpu" in log and b"vit_tiny_patch16_224" in log  # the run name and its config
+    assert b"demo_cpu_vit" in log and b"vit_tiny_patch16_224" in log  # the run name and its config
     meta = json.loads((run_dir / "checkpoints/step-00000004/meta.json").read_text())
     assert meta["wandb_run_id"] == run_id
 

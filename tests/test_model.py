@@ -31,3 +31,17 @@ def test_any_timm_model_name_works_cnn_included():
     model = LeJEPAModel("resnet18", img_size=64, proj_hidden_dim=32, proj_dim=8)
     out = model(torch.randn(2, 3, 3, 64, 64), torch.randn(2, 3, 3, 32, 32))
     assert out.features_global.shape == (2, 3, 512) and out.z_local.shape == (2, 3, 8)
+
+
+def test_projector_embedding_width():
+    """0 (the default): the projector of earlier runs, same parameter names; 512: the official
+    shape, Linear(D, 512) then the MLP 512 -> 2048 -> 2048 -> K."""
+    vit = dict(patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    kwargs = dict(img_size=32, proj_hidden_dim=2048, proj_dim=64, backbone_kwargs=vit)
+    plain = LeJEPAModel("vit_tiny_patch16_224", **kwargs)
+    names = [n for n, _ in plain.projector.named_parameters()]
+    assert names == ["0.weight", "1.weight", "1.bias", "3.weight", "4.weight", "4.bias", "6.weight", "6.bias"]
+    official = LeJEPAModel("vit_tiny_patch16_224", proj_embed_dim=512, **kwargs)
+    expected = (32 * 512 + 512) + 512 * 2048 + 2 * 2048 + 2048 * 2048 + 2 * 2048 + 2048 * 64 + 64
+    assert sum(p.numel() for p in official.projector.parameters()) == expected
+    assert official(torch.randn(2, 4, 3, 32, 32)).z_global.shape == (2, 4, 64)

@@ -212,7 +212,7 @@ def test_trainer_under_torchrun_with_two_ranks(tmp_path):
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2]  # one writer
     assert records[0]["img_per_s"] == pytest.approx(2 * records[0]["img_per_s_per_rank"])
-    cfg = load_config("configs/demo_cpu.yaml", [f"run.dir={tmp_path}"])
+    cfg = load_config("configs/demo_cpu_vit.yaml", [f"run.dir={tmp_path}"])
     build_model(cfg).load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
 
 
