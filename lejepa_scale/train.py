@@ -5,8 +5,9 @@ The same code runs in one process (CPU or one GPU) and under
 is per rank, the global batch is batch_size x world size, and SIGReg and the projector's BatchNorm
 use statistics of the global batch.
 
-One step: uint8 crops -> batched photometric augmentation on the device -> backbone forward per
-crop size -> projector -> (1 - λ)·prediction + λ·SIGReg -> backward -> AdamW -> metrics.
+One step: uint8 crops -> batched photometric augmentation on the device -> backbone forward (each
+block takes both crop sizes in one call) -> projector -> (1 - λ)·prediction + λ·SIGReg -> backward
+-> AdamW -> metrics (device values are read on the host only on logging steps).
 """
 
 from __future__ import annotations
