@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lejepa_scale.collectives import any_rank
 
@@ -232,6 +233,16 @@ def replica_share(tree: Any, replica: int, replicas: int) -> tuple[Any, int]:
     return kept, mine
 
 
+def _replica_groups(replica: int, replicas: int) -> tuple[Any, Any]:
+    """(the gloo group of replica 0's ranks, which reads a checkpoint; this rank's group across
+    replicas, on the default backend, which shares it). Every rank creates every group."""
+    shards = _world_size() // replicas
+    read_group = dist.new_group(list(range(shards)), backend="gloo")
+    across = [[shard + r * shards for r in range(replicas)] for shard in range(shards)]
+    replicate_group, _ = dist.new_subgroups_by_enumeration(across)
+    return read_group if replica == 0 else None, replicate_group
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -296,6 +307,7 @@ class Checkpointer:
         self.staging: Any = None  # future of the background copy of the in-flight save
         self.stager = stager_for(torch.device(device)) if async_save else None
         self.replica = replica  # (this rank's replica, replicas): HSDP replicas write disjoint shares
+        self.read_group, self.replicate_group = _replica_groups(*replica) if replica[1] > 1 else (None, None)
         self.staged_bytes = 0  # tensor bytes this rank copied for its last save
         self.last_save_time = time.monotonic()
         if self.rank == 0:
@@ -413,13 +425,36 @@ class Checkpointer:
         it was written by as many ranks as this job has, `per_rank` from this rank's file. Returns
         its meta.json (step, world size, what the run stored)."""
         meta = json.loads((path / "meta.json").read_text())
-        load_tensors(path, dict(self.state), self.group)
+        if self.replicate_group is None:
+            load_tensors(path, dict(self.state), self.group)
+        else:
+            self._load_once_and_share(path)
         if meta["world_size"] == _world_size():
             saved = self.rank_state(path, self.rank)
             for name, state in self.per_rank.items():
                 state.load_state_dict(saved[name])
         log.info("resumed from %s (step %d)", path, meta["step"])
         return meta
+
+    def _load_once_and_share(self, path: Path) -> None:
+        """Under HSDP: replica 0 reads the checkpoint (DCP, resharded to its ranks), then each of its
+        ranks broadcasts what it holds to the ranks holding the same shard in the other replicas,
+        over the training backend (NCCL between GPUs). The file system serves one copy, not R."""
+        tree = {name: state.state_dict() for name, state in self.state.items()}
+        if self.replica[0] == 0:
+            load_tensors(path, tree, self.read_group)
+        leaves, spec = tree_flatten(tree)
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                local = leaf.to_local() if isinstance(leaf, DTensor) else leaf
+                dist.broadcast(local, group=self.replicate_group, group_src=0)
+        others = [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
+        dist.broadcast_object_list(others, group=self.replicate_group, group_src=0)
+        received = iter(others)
+        leaves = [leaf if isinstance(leaf, torch.Tensor) else next(received) for leaf in leaves]
+        tree = tree_unflatten(leaves, spec)
+        for name, state in self.state.items():
+            state.load_state_dict(tree[name])
 
     @staticmethod
     def rank_state(path: Path, rank: int) -> dict[str, Any]:

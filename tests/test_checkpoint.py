@@ -45,8 +45,10 @@ def rank_pids(launcher_pid):
     return [int(p) for p in out if b"lejepa_scale.train" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
-def test_sigkill_of_one_rank_then_restart_is_bit_exact(tmp_path):
-    steps = ["train.steps=8", "checkpoint.every_steps=5"]
+@pytest.mark.parametrize("layout", [[], ["parallel.dp_replicate=2"]], ids=["fsdp", "hsdp"])
+def test_sigkill_of_one_rank_then_restart_is_bit_exact(tmp_path, layout):
+    """Under HSDP (2 replicas of 1 shard) the restart reads the checkpoint on replica 0 only."""
+    steps = ["train.steps=8", "checkpoint.every_steps=5", *layout]
     run(tmp_path / "straight", 2, *steps)
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(
@@ -253,8 +255,14 @@ def test_resume_at_another_world_size_reshards_and_continues(tmp_path, before, a
 
 
 def hsdp_save_and_restart_worker(rank, world_size, folder):
-    from lejepa_scale.build import build_checkpointer, build_loss, build_optimizer, build_parallel_model
-    from lejepa_scale.checkpoint import ModelState, OptimizerState, replica_share
+    from lejepa_scale.build import (
+        build_checkpointer,
+        build_loss,
+        build_optimizer,
+        build_parallel_model,
+        build_scheduler,
+    )
+    from lejepa_scale.checkpoint import ModelState, OptimizerState, SafeReader, replica_share
     from lejepa_scale.config import load_config
     from lejepa_scale.parallel import full_state_dict, init_distributed
 
@@ -264,11 +272,13 @@ def hsdp_save_and_restart_worker(rank, world_size, folder):
     env = init_distributed("cpu")
     model = build_parallel_model(cfg, env)
     optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
     gen = torch.Generator().manual_seed(rank)
     out = model(torch.randn(2, 4, 3, 24, 24, generator=gen), torch.randn(4, 4, 3, 12, 12, generator=gen))
     build_loss(cfg)(out.z_global, out.z_local, 0).total.backward()
     optimizer.step()
-    state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer)}
+    scheduler.step()
+    state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer), "schedule": scheduler}
     saver = build_checkpointer(cfg, env, state, {}, {})
     saver.save(1, blocking=True)
     written = (Path(folder) / "checkpoints/step-00000001" / f"__{rank}_0.distcp").stat().st_size
@@ -279,15 +289,28 @@ def hsdp_save_and_restart_worker(rank, world_size, folder):
         restarted = build_parallel_model(cfg, env, initialize=False)  # what a resume builds
     broadcasts = sum(e.name == "c10d::broadcast_" for e in prof.events())
     optimizer2 = build_optimizer(restarted, cfg)
-    loader = build_checkpointer(
-        cfg, env, {"model": ModelState(restarted), "optim": OptimizerState(restarted, optimizer2)}, {}, {}
-    )
+    scheduler2 = build_scheduler(optimizer2, cfg)
+    state2 = {
+        "model": ModelState(restarted),
+        "optim": OptimizerState(restarted, optimizer2),
+        "schedule": scheduler2,
+    }
+    loader = build_checkpointer(cfg, env, state2, {}, {})
+    reads, read_data = [], SafeReader.read_data
+
+    def counted(self, plan, planner):
+        reads.extend(plan.items)
+        return read_data(self, plan, planner)
+
+    SafeReader.read_data = counted
     loader.load(loader.latest())
     same_optim = all(
         torch.equal(optimizer.state[p][k].to_local(), optimizer2.state[q][k].to_local())
         for p, q in zip(model.parameters(), restarted.parameters(), strict=True)
         for k in ("exp_avg", "exp_avg_sq")
     )
+    same_optim = same_optim and optimizer2.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    same_optim = same_optim and scheduler2.state_dict() == scheduler.state_dict()
     return (
         saver.staged_bytes,
         written,
@@ -296,16 +319,19 @@ def hsdp_save_and_restart_worker(rank, world_size, folder):
         full_state_dict(model),
         full_state_dict(restarted),
         same_optim,
+        len(reads),
     )
 
 
-def test_hsdp_replicas_stage_only_what_they_write_and_a_restart_loads_without_broadcast(tmp_path):
+def test_hsdp_replicas_stage_only_what_they_write_and_a_restart_reads_once_without_init_broadcast(tmp_path):
     """HSDP 2 x 2: each rank copies to host only its share of the checkpoint; a model built for a
-    resume is only allocated (no init broadcast) and equals the saved one after loading."""
+    resume is only allocated (no init broadcast); replica 0 reads the checkpoint and shares it with
+    replica 1; model, optimizer and schedule equal the saved ones after loading."""
     results = run_ranks(hsdp_save_and_restart_worker, 4, str(tmp_path))
-    for staged, written, whole, broadcasts, _, _, same_optim in results:
+    for rank, (staged, written, whole, broadcasts, _, _, same_state, reads) in enumerate(results):
         assert staged <= 1.05 * written  # it stages what it writes...
         assert staged < 0.6 * whole  # ...about half of what it holds (2 replicas)
-        assert broadcasts == 0 and same_optim
+        assert broadcasts == 0 and same_state
+        assert (reads > 0) == (rank < 2), (rank, reads)  # ranks 0-1 are replica 0, ranks 2-3 replica 1
     saved, restarted = results[0][4], results[0][5]
     assert saved.keys() == restarted.keys() and all(torch.equal(saved[k], restarted[k]) for k in saved)
