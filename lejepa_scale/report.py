@@ -95,22 +95,27 @@ def training_plots(run_dir: Path, out: Path) -> list[Path]:
 
 @torch.no_grad()
 def pca_picture(run_dir: Path, out: Path, n_images: int) -> Path:
-    """The first three principal components of the patch features of a few images, as RGB."""
+    """The first three principal components of the spatial features of a few images (a ViT's patch
+    tokens, a CNN's last feature map), as RGB."""
     model, cfg, _ = load_run(run_dir)
     backbone = model.backbone
     spec = cfg.data.source if cfg.data.source != "shards" else (cfg.data.val or cfg.data.train)
     size = cfg.views.global_size
     images, _ = next(labelled_images(spec, "val", size, 0, 1, limit=n_images))
     images = images[:n_images]
-    tokens = backbone.forward_features(normalize(images, cfg.views.mean, cfg.views.std))
-    patches = tokens[:, getattr(backbone, "num_prefix_tokens", 0) :]
-    side = int(math.isqrt(patches.shape[1]))
-    flat = patches.reshape(-1, patches.shape[-1])
+    features = backbone.forward_features(normalize(images, cfg.views.mean, cfg.views.std))
+    if features.dim() == 4:  # a CNN's feature map (N, C, H, W)
+        grid = features.permute(0, 2, 3, 1)
+    else:  # a ViT's tokens: the patches after the prefix tokens, on a square grid
+        patches = features[:, getattr(backbone, "num_prefix_tokens", 0) :]
+        side = int(math.isqrt(patches.shape[1]))
+        grid = patches.reshape(len(images), side, side, patches.shape[-1])
+    flat = grid.reshape(-1, grid.shape[-1])
     flat = flat - flat.mean(0)
     _, _, v = torch.linalg.svd(flat, full_matrices=False)
     components = flat @ v[:3].T
     lo, hi = components.min(0).values, components.max(0).values
-    rgb = ((components - lo) / (hi - lo).clamp_min(1e-8)).reshape(len(images), side, side, 3)
+    rgb = ((components - lo) / (hi - lo).clamp_min(1e-8)).reshape(*grid.shape[:3], 3)
     fig, axes = plt.subplots(2, len(images), figsize=(1.8 * len(images), 3.8), squeeze=False)
     for i in range(len(images)):
         axes[0, i].imshow(images[i].permute(1, 2, 0).numpy())

@@ -19,8 +19,13 @@ def assert_real_png(path: Path) -> None:
     assert pixels.std() > 5, f"{path} is blank"
 
 
-def test_report_of_a_run_writes_its_plots(tmp_path):
-    run_train(tmp_path, *TINY, "train.steps=6", "train.log_every=1", "log.health_every=2")
+CNN = ["model.name=resnet10t", "model.backbone_kwargs={}", "views.global_size=28", "views.local_size=16"]
+
+
+@pytest.mark.parametrize("model", [[], CNN], ids=["vit", "cnn"])
+def test_report_of_a_run_writes_its_plots(tmp_path, model):
+    """A CNN's PCA picture comes from its last feature map (1 x 1 at 28 px: one colour per image)."""
+    run_train(tmp_path, *TINY, *model, "train.steps=6", "train.log_every=1", "log.health_every=2")
     report.main([str(tmp_path), "--pca-images", "4", "--out", str(tmp_path / "sweep")])
     names = ["losses", "scaled_loss", "health", "lr_throughput", "pca_patches"]
     for name in names:
