@@ -265,15 +265,15 @@ def _flat_keys(node: DictConfig, prefix: str = "") -> list[str]:
 
 def _apply_overrides(merged: DictConfig, overrides: list[str]) -> DictConfig:
     """Dotted overrides in order. A dict value replaces a dict-typed key (`model.backbone_kwargs={}`
-    clears the recipe's kwargs) instead of merging into it."""
+    clears the recipe's kwargs, as `=null` does) instead of merging into it."""
     for override in overrides:
         key = override.split("=", 1)[0].strip()
         _moved_keys([key])
         parsed = OmegaConf.from_dotlist([override])
         current, value = OmegaConf.select(merged, key), OmegaConf.select(parsed, key)
-        replace = isinstance(value, DictConfig) and isinstance(current, DictConfig)
-        if replace and OmegaConf.get_type(current) is dict:
-            OmegaConf.update(merged, key, value, merge=False)
+        free_dict = isinstance(current, DictConfig) and OmegaConf.get_type(current) is dict
+        if free_dict and (value is None or isinstance(value, DictConfig)):
+            OmegaConf.update(merged, key, value if value is not None else {}, merge=False)
         else:
             merged = OmegaConf.merge(merged, parsed)
     return merged

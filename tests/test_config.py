@@ -77,5 +77,7 @@ def test_a_dict_override_replaces_the_recipes_dict():
     resnet = ["run.dir=x", "model.name=resnet10t", "model.backbone_kwargs={}"]
     cfg = load_config("configs/demo_cpu_vit.yaml", resnet)
     assert cfg.model.backbone_kwargs == {}
+    cfg = load_config("configs/demo_cpu_vit.yaml", ["run.dir=x", "model.backbone_kwargs=null"])
+    assert cfg.model.backbone_kwargs == {}
     cfg = load_config("configs/demo_cpu_vit.yaml", ["run.dir=x", "model.backbone_kwargs.depth=2"])
     assert cfg.model.backbone_kwargs == {"patch_size": 4, "embed_dim": 128, "depth": 2, "num_heads": 4}
