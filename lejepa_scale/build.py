@@ -142,10 +142,13 @@ def build_photometric(cfg: Config) -> Photometric:
 
 
 def build_probe(cfg: Config, feature_dim: int, num_classes: int | None, env: DistEnv) -> OnlineProbe | None:
-    """The online linear probe, when it is on and the data has labels."""
+    """The online linear probe, when it is on and the data has labels; initialised from `run.seed`, so
+    it starts identical on every rank and in every run."""
     if not (cfg.train.online_probe and num_classes):
         return None
-    return OnlineProbe(feature_dim, num_classes, env.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        return OnlineProbe(feature_dim, num_classes, env.device)
 
 
 def build_checkpointer(

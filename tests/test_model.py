@@ -45,3 +45,17 @@ def test_projector_embedding_width():
     expected = (32 * 512 + 512) + 512 * 2048 + 2 * 2048 + 2048 * 2048 + 2 * 2048 + 2048 * 64 + 64
     assert sum(p.numel() for p in official.projector.parameters()) == expected
     assert official(torch.randn(2, 4, 3, 32, 32)).z_global.shape == (2, 4, 64)
+
+
+def test_the_online_probe_starts_from_the_run_seed_on_every_rank():
+    from lejepa_scale.build import build_probe
+    from lejepa_scale.config import load_config
+    from lejepa_scale.parallel import DistEnv
+
+    cfg = load_config("configs/demo_cpu.yaml", ["run.dir=x"])
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    heads = []
+    for rank_stream in (1, 2):  # whatever the process's random stream, e.g. seeded per rank
+        torch.manual_seed(rank_stream)
+        heads.append(build_probe(cfg, 512, 10, env).head.state_dict())
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
