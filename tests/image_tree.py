@@ -79,6 +79,16 @@ def add_bad_files(class_dir: Path, elsewhere: Path) -> None:
     os.symlink(elsewhere / "outside.JPEG", class_dir / "linked.JPEG")
 
 
+def class_tree_and_shards(root: Path, classes: int, per_class: int, shard_size: int) -> tuple[Path, Path]:
+    """Real JPEGs in class folders under root/folder, and the same images converted to root/shards."""
+    from data_pipeline import convert
+
+    make_class_tree(root / "folder", classes=classes, per_class=per_class)
+    args = ["folder", "--src", str(root / "folder"), "--out", str(root / "shards"), "--workers", "1"]
+    assert convert.main([*args, "--shard-size", str(shard_size)]) == 0
+    return root / "folder", root / "shards"
+
+
 def convert_plain_and_zstd(root: Path) -> tuple[Path, Path]:
     """A small tree converted twice, to root/plain (.tar) and root/zstd (.tar.zst)."""
     from data_pipeline import convert

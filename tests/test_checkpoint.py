@@ -304,13 +304,14 @@ def hsdp_save_and_restart_worker(rank, world_size, folder):
 
     SafeReader.read_data = counted
     loader.load(loader.latest())
-    same_optim = all(
+    same_moments = all(
         torch.equal(optimizer.state[p][k].to_local(), optimizer2.state[q][k].to_local())
         for p, q in zip(model.parameters(), restarted.parameters(), strict=True)
         for k in ("exp_avg", "exp_avg_sq")
     )
-    same_optim = same_optim and optimizer2.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
-    same_optim = same_optim and scheduler2.state_dict() == scheduler.state_dict()
+    same_schedule = scheduler2.state_dict() == scheduler.state_dict() and (
+        optimizer2.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    )
     return (
         saver.staged_bytes,
         written,
@@ -318,7 +319,7 @@ def hsdp_save_and_restart_worker(rank, world_size, folder):
         broadcasts,
         full_state_dict(model),
         full_state_dict(restarted),
-        same_optim,
+        same_moments and same_schedule,
         len(reads),
     )
 

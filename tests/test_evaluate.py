@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import convert
 from lejepa_scale import evaluate
 from lejepa_scale.evaluate import few_shot, knn_classify
 from lejepa_scale.pretrained import load_run
 from tests.helpers import ENV, TINY, run_train
-from tests.image_tree import make_class_tree
+from tests.image_tree import class_tree_and_shards
 
 
 def train(run_dir, *overrides):
@@ -37,9 +36,7 @@ def tiny_run(tmp_path_factory):
 def images(tmp_path_factory):
     """Real JPEGs in class folders (3 classes x 8), and the same images converted to shards."""
     root = tmp_path_factory.mktemp("images")
-    make_class_tree(root / "folder", classes=3, per_class=8)
-    convert.main(["folder", "--src", str(root / "folder"), "--out", str(root / "shards"), "--workers", "1",
-                  "--shard-size", "5"])  # fmt: skip
+    class_tree_and_shards(root, classes=3, per_class=8, shard_size=5)
     return root
 
 

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from data_pipeline import convert
 from tests.helpers import ENV, ROOT, metrics
-from tests.image_tree import make_class_tree
+from tests.image_tree import class_tree_and_shards
 
 SMOKE = [
     "train.steps=50",
@@ -28,11 +27,10 @@ SMOKE = [
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small_data")
-    make_class_tree(root / "src", classes=3, per_class=6)
-    convert.main(["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--workers", "1",
-                  "--shard-size", "6"])  # fmt: skip
-    return root / "shards"
+    _, shards = class_tree_and_shards(
+        tmp_path_factory.mktemp("small_data"), classes=3, per_class=6, shard_size=6
+    )
+    return shards
 
 
 @pytest.mark.parametrize("recipe", ["cifar100_resnet18", "flowers102_resnet18", "galaxy10_resnet34"])
