@@ -1,15 +1,17 @@
 """`python -m data_pipeline.convert {imagenet,folder,verify}`: image trees to WebDataset shards.
 
-    python -m data_pipeline.convert imagenet --src /datasets/imagenet --out shards/train --split train
+    python -m data_pipeline.convert imagenet --src /datasets/imagenet --out shards --split train
+    python -m data_pipeline.convert imagenet --src /datasets/imagenet --out shards --split val
     python -m data_pipeline.convert folder --src my_images/ --out shards/mine --workers 16
-    python -m data_pipeline.convert verify --out shards/train
+    python -m data_pipeline.convert verify --out shards      # every split in the folder
 
 The file list is shuffled once with a seed before it is cut into shards, so every shard mixes
 classes. Shard i is a pure function of (file list, seed, i): it is written as `<name>.tmp`, renamed
 when complete, and its sidecar `<prefix>-<i>.json` (count, bytes, sha256, skipped files) is renamed
 last, so a rerun skips finished shards and rewrites a half-written one byte for byte. As a SLURM
 array job, task t of T converts the shards i with i % T == t; whichever process sees every shard
-finished writes `manifest.json`.
+finished writes the split's `manifest-<prefix>.json` (splits converted into one folder keep one
+each).
 
 Bad inputs never stop a run. Zero-byte files, dangling symlinks, files that are not images and
 JPEGs cut short (no end-of-image marker) are skipped; CMYK, grayscale and palette images, and
@@ -38,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data_pipeline.labelled import class_folder, image_files
-from data_pipeline.shards import iter_samples
+from data_pipeline.shards import iter_samples, manifest_name, split_manifests
 
 REENCODE_QUALITY = 95
 RESIZE_QUALITY = 90
@@ -137,8 +139,13 @@ def encode_image(path: str, max_side: int | None) -> tuple[bytes, int, int, str 
         raise ValueError(f"not an image ({type(e).__name__})") from None
     width, height = image.size
     reason = None
-    if image.format != "JPEG":
-        reason = f"{image.format} named {Path(path).suffix}"
+    if image.format != "JPEG":  # shards hold JPEG: re-encoded, and a misnamed file is named as such
+        named = Image.registered_extensions().get(Path(path).suffix.lower())
+        reason = (
+            f"{image.format} to JPEG"
+            if named == image.format
+            else f"{image.format} named {Path(path).suffix}"
+        )
     elif image.mode != "RGB":
         reason = f"{image.mode} JPEG"
     elif not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # cut short, or trailing bytes after the image
@@ -294,7 +301,8 @@ IGNORED_LISTED = 1000  # ignored files named in the manifest; the count covers a
 
 
 def write_manifest(out: Path, prefix: str, num_shards: int, listing: Listing, zstd: bool) -> dict | None:
-    """Assemble manifest.json from the sidecars once every shard is finished (else return None)."""
+    """Assemble the split's manifest (`manifest-<prefix>.json`) from the sidecars once every shard is
+    finished (else return None). Splits converted into one folder keep a manifest each."""
     sidecars = [sidecar_path(out, prefix, i) for i in range(num_shards)]
     if not all(p.exists() for p in sidecars):
         return None
@@ -319,15 +327,30 @@ def write_manifest(out: Path, prefix: str, num_shards: int, listing: Listing, zs
             "paths": listing.ignored[:IGNORED_LISTED],
         },
     }
-    _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    _atomic_write_text(out / manifest_name(prefix), json.dumps(manifest, indent=1))
+    legacy = out / "manifest.json"  # what older versions wrote for one split: superseded by this one
+    if legacy.exists() and json.loads(legacy.read_text()).get("prefix") == prefix:
+        legacy.unlink()
     return manifest
 
 
 def verify(out: Path) -> list[str]:
-    """Re-read every shard listed in the manifest; return the problems found (empty: all good)."""
-    manifest = json.loads((out / "manifest.json").read_text())
+    """Re-read every shard of every split in `out`; return the problems found (empty: all good)."""
+    splits = split_manifests(out)
+    if not splits:
+        raise ValueError(f"{out} holds no manifest-<split>.json: is it the --out of a finished conversion?")
     problems = []
-    for shard in tqdm(manifest["shards"], unit="shard", desc="verify", dynamic_ncols=True):
+    for manifest in splits.values():
+        problems += verify_split(out, json.loads(manifest.read_text()))
+    return problems
+
+
+def verify_split(out: Path, manifest: dict) -> list[str]:
+    """Re-read every shard one split's manifest lists, checking size, sha256, count and fields."""
+    problems = []
+    for shard in tqdm(
+        manifest["shards"], unit="shard", desc=f"verify {manifest['prefix']}", dynamic_ncols=True
+    ):
         path = out / shard["name"]
         if not path.exists():
             problems.append(f"{path}: missing")
@@ -358,28 +381,47 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(
             name, help=f"convert {'ImageNet' if name == 'imagenet' else 'a class-per-subfolder tree'}"
         )
-        p.add_argument("--src", type=Path, required=True)
-        p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--src", type=Path, required=True, help="the image tree")
+        p.add_argument("--out", type=Path, required=True, help="the shard folder (splits may share one)")
         if name == "imagenet":
-            p.add_argument("--split", choices=("train", "val"), default="train")
-        p.add_argument("--prefix", help="shard name prefix (default: the split, or 'data')")
-        p.add_argument("--shard-size", type=int, default=1000)
-        p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-        p.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds this")
+            p.add_argument(
+                "--split", choices=("train", "val"), default="train", help="(default: %(default)s)"
+            )
+        p.add_argument("--prefix", help="shard and manifest name prefix (default: the split, or 'data')")
+        p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: %(default)s)")
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=os.cpu_count() or 1,
+            help="processes (default: %(default)s, the cores)",
+        )
+        p.add_argument(
+            "--max-side", type=int, help="re-encode images whose longer side exceeds this (default: none)"
+        )
         p.add_argument("--zstd", action="store_true", help="write .tar.zst (JPEG tars shrink only ~1.07x)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle before sharding")
-    v = sub.add_parser("verify", help="re-read every shard, check counts and sha256 against manifest.json")
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="seed of the global shuffle before sharding (default: %(default)s)",
+        )
+    v = sub.add_parser("verify", help="re-read every shard of every split, check counts and sha256")
     v.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    if args.command == "verify":
-        problems = verify(args.out)
-        for p in problems:
-            print(p, file=sys.stderr)
-        print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
-        return 1 if problems else 0
     task = array_task()
     try:
+        if args.command == "verify":
+            if not args.out.is_dir():
+                raise ValueError(f"--out {args.out} is not a directory")
+            problems = verify(args.out)
+            for p in problems:
+                print(p, file=sys.stderr)
+            splits = ", ".join(split_manifests(args.out))
+            print(f"{args.out} ({splits}): {'OK' if not problems else f'{len(problems)} problem(s)'}")
+            return 1 if problems else 0
+        if not args.src.is_dir():
+            raise ValueError(f"--src {args.src} is not a directory")
         if args.command == "imagenet":
             listing, prefix = list_imagenet(args.src, args.split), args.prefix or args.split
         else:
@@ -401,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"task {task[0]} of {task[1]} done; the manifest is written by the task that finishes last")
     else:
         print(
-            f"{args.out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
+            f"{args.out / manifest_name(prefix)}: {manifest['num_samples']} samples in "
+            f"{len(manifest['shards'])} shards, "
             f"{len(manifest['skipped'])} skipped, {len(manifest['reencoded'])} re-encoded, "
             f"{manifest['ignored']['count']} ignored (no image suffix)"
         )

@@ -4,16 +4,19 @@ class-per-subfolder image trees (the one place that decides which files count as
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline.builtin import BUILTIN, load_builtin
-from data_pipeline.shards import iter_samples, shard_paths
+from data_pipeline.shards import iter_samples, shard_paths, split_manifests
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
 BATCH = 256
@@ -65,26 +68,40 @@ def labelled_images(
     """(uint8 images (B, 3, size, size), int64 labels (B,)) batches of this rank's share of `spec`: a
     built-in dataset (`split` train or val), labelled shards (manifest, its folder, brace pattern) or
     a class-per-subfolder folder. `limit` > 0 keeps a seeded subset of that many images (built-in
-    datasets and folders; shards are subsampled by the caller after extraction)."""
-    if spec in BUILTIN:
+    datasets and folders; shards are subsampled by the caller after extraction). Files or samples
+    that cannot be read or decoded are skipped, counted and named in one warning at the end."""
+    if isinstance(spec, str) and spec in BUILTIN:
         yield from _builtin_batches(spec, split, size, rank, world, limit)
         return
-    if Path(spec).is_dir() and not (Path(spec) / "manifest.json").exists():
+    if isinstance(spec, str) and Path(spec).is_dir() and not split_manifests(Path(spec)):
         samples = class_folder(Path(spec)).samples
         if 0 < limit < len(samples):
             samples = [samples[i] for i in seeded_subset(len(samples), limit)]
-        mine = ((path.read_bytes(), label) for path, label in samples[rank::world])
+        mine = ((str(path), path.read_bytes, label) for path, label in samples[rank::world])
     else:
         paths = shard_paths(spec)[rank::world]
-        mine = ((s["jpg"], int(s["cls"])) for p in paths for s in iter_samples(p) if "cls" in s)
+        mine = (
+            (f"{p}:{s['__key__']}", lambda s=s: s["jpg"], int(s["cls"]))
+            for p in paths
+            for s in iter_samples(p)
+            if "cls" in s
+        )
     batch: list[tuple[torch.Tensor, int]] = []
-    for encoded, label in mine:
-        batch.append((centre_crop(encoded, size), label))
+    unreadable: list[str] = []
+    for name, read, label in mine:
+        try:
+            batch.append((centre_crop(read(), size), label))
+        except (OSError, UnidentifiedImageError, KeyError) as e:  # dangling link, not an image, no jpg
+            unreadable.append(f"{name} ({type(e).__name__})")
+            continue
         if len(batch) == BATCH:
             yield torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
             batch = []
     if batch:
         yield torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+    if unreadable:
+        log.warning("skipped %d unreadable image(s) of %s: %s%s", len(unreadable), spec,
+                    ", ".join(unreadable[:10]), ", ..." if len(unreadable) > 10 else "")  # fmt: skip
 
 
 def _builtin_batches(spec: str, split: str, size: int, rank: int, world: int, limit: int):

@@ -36,17 +36,48 @@ def _count_by_reading(path: str) -> int:
     return sum(1 for _ in iter_samples(path))
 
 
+def manifest_name(prefix: str) -> str:
+    """The manifest of one split (prefix) of a shard folder: several splits share a folder."""
+    return f"manifest-{prefix}.json"
+
+
+def split_manifests(folder: Path) -> dict[str, Path]:
+    """The splits a shard folder holds, prefix -> manifest: `manifest-<prefix>.json`, and the single
+    `manifest.json` that older conversions wrote (under the prefix it names)."""
+    found = {}
+    for path in sorted(folder.glob("manifest-*.json")):
+        prefix = path.name.removeprefix("manifest-").removesuffix(".json")
+        if not prefix.isdigit():  # not a sidecar of shards named "manifest-000000"
+            found[prefix] = path
+    legacy = folder / "manifest.json"
+    if legacy.exists():
+        found.setdefault(json.loads(legacy.read_text()).get("prefix", "data"), legacy)
+    return found
+
+
 def _manifest(spec: str | list[str]) -> Path | None:
+    """The manifest `spec` names: the file itself, or the one split of a shard folder (a folder that
+    holds several splits must be told which)."""
     if not isinstance(spec, str):
         return None
-    candidate = Path(spec)
-    manifest = candidate / "manifest.json" if candidate.is_dir() else candidate
-    return manifest if manifest.name.endswith(".json") and manifest.exists() else None
+    path = Path(spec)
+    if path.is_dir():
+        splits = split_manifests(path)
+        if len(splits) > 1:
+            names = ", ".join(f"{prefix} ({manifest})" for prefix, manifest in splits.items())
+            raise ValueError(f"{path} holds several splits, name one of their manifests: {names}")
+        if not splits:
+            raise FileNotFoundError(
+                f"{path} has no manifest-<split>.json: convert it with python -m data_pipeline.convert, "
+                "or give its shards as a brace pattern (e.g. train-{000000..000099}.tar)"
+            )
+        return next(iter(splits.values()))
+    return path if path.name.endswith(".json") and path.exists() else None
 
 
 def shard_paths(spec: str | list[str]) -> list[str]:
-    """The shard files `spec` names (manifest.json or its folder, brace pattern, or list), checked to
-    exist; cheap enough to run before a job is submitted."""
+    """The shard files `spec` names (a split's manifest or the folder holding it, brace pattern, or
+    list), checked to exist; cheap enough to run before a job is submitted."""
     manifest = _manifest(spec)
     if manifest is not None:
         names = [s["name"] for s in json.loads(manifest.read_text())["shards"]]
@@ -62,7 +93,7 @@ def shard_paths(spec: str | list[str]) -> list[str]:
 
 
 def resolve_shards(spec: str | list[str]) -> list[Shard]:
-    """Shards with their sample counts from a manifest.json (or its folder), a brace pattern
+    """Shards with their sample counts from a split's manifest (or its folder), a brace pattern
     (`train-{000000..000099}.tar`), or a list of paths. Counts come from the manifest, else from the
     converter's per-shard sidecar JSON, else by reading the shard once (logged)."""
     manifest = _manifest(spec)
@@ -82,12 +113,10 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
 
 
 def resolve_classes(spec: str | list[str]) -> list[str] | None:
-    """Class names of a shard set (manifest.json or classes.json beside the shards), if known."""
+    """Class names of a shard set (its manifest, or classes.json beside the shards), if known."""
+    manifest = _manifest(spec)
+    if manifest is not None:
+        return json.loads(manifest.read_text())["classes"]
     first = Path(spec if isinstance(spec, str) else spec[0])
-    folder = first if first.is_dir() else first.parent
-    for name in ("manifest.json", "classes.json"):
-        path = folder / name
-        if path.exists():
-            data = json.loads(path.read_text())
-            return data["classes"] if isinstance(data, dict) else data
-    return None
+    classes = first.parent / "classes.json"
+    return json.loads(classes.read_text()) if classes.exists() else None

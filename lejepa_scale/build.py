@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
@@ -19,13 +20,29 @@ from data_pipeline.shards import resolve_classes, resolve_shards
 from data_pipeline.stream import ShardViews
 from data_pipeline.views import CropSpec, Photometric
 from lejepa_scale.checkpoint import Checkpointer
-from lejepa_scale.config import Config
-from lejepa_scale.model import LeJEPAModel
+from lejepa_scale.config import Config, ConfigError
+from lejepa_scale.model import LeJEPAModel, create_backbone
 from lejepa_scale.objective import LeJEPALoss
 from lejepa_scale.parallel import DistEnv, build_mesh, parallelize
 from lejepa_scale.probe import OnlineProbe
 from lejepa_scale.sigreg import SIGReg
 from lejepa_scale.swa import WeightAverage
+
+
+def check_model(cfg: Config) -> None:
+    """An unknown timm name or backbone arguments timm refuses, as a ConfigError naming the key,
+    before a process group starts or a job is queued: the backbone is built on the meta device."""
+    if not timm.is_model(cfg.model.name):
+        raise ConfigError(f"model.name {cfg.model.name!r} is not a timm model (see timm.list_models())")
+    kwargs = dict(cfg.model.backbone_kwargs)
+    try:
+        with torch.device("meta"):
+            create_backbone(cfg.model.name, img_size=cfg.views.global_size, **kwargs)
+    except Exception as e:
+        raise ConfigError(
+            f"model.backbone_kwargs {kwargs}: timm cannot build {cfg.model.name} with them "
+            f"({type(e).__name__}: {e})".split("\n")[0]
+        ) from e
 
 
 def build_model(cfg: Config) -> LeJEPAModel:
@@ -113,8 +130,9 @@ def crop_specs(cfg: Config) -> list[CropSpec]:
     return specs
 
 
-def build_loader(cfg: Config, env: DistEnv) -> tuple[InMemoryViews | ShardViews, int | None]:
-    """This rank's stream of uint8 multi-crop batches, and the number of classes if labels exist."""
+def build_loader(cfg: Config, env: DistEnv) -> tuple[InMemoryViews | ShardViews, int | None, str]:
+    """This rank's stream of uint8 multi-crop batches, the number of classes if labels exist, and
+    what the data is (for the start log: a built-in set may have fallen back to another)."""
     common = dict(
         batch_size=cfg.train.batch_size,
         crops=crop_specs(cfg),
@@ -125,16 +143,19 @@ def build_loader(cfg: Config, env: DistEnv) -> tuple[InMemoryViews | ShardViews,
         pin_memory=env.device.type == "cuda",
     )
     if cfg.data.source == "shards":
+        shards = resolve_shards(cfg.data.train)
         loader = ShardViews(
-            resolve_shards(cfg.data.train),
+            shards,
             num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
             **common,
         )
         classes = resolve_classes(cfg.data.train)
-        return loader, len(classes) if classes else None
+        what = f"{sum(s.count for s in shards)} images in {len(shards)} shards of {cfg.data.train}"
+        return loader, len(classes) if classes else None, what
     dataset = load_builtin(cfg.data.source, cfg.data.root)
-    return InMemoryViews(dataset.train_images, dataset.train_labels, **common), dataset.num_classes
+    loader = InMemoryViews(dataset.train_images, dataset.train_labels, **common)
+    return loader, dataset.num_classes, f"{dataset.name}, {len(dataset.train_images)} images"
 
 
 def build_photometric(cfg: Config) -> Photometric:

@@ -7,11 +7,11 @@ error that names the full key, before anything runs or is submitted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.builtin import BUILTIN
@@ -59,8 +59,9 @@ class ViewsConfig:
 class DataConfig:
     source: str = "fashion_mnist"  # fashion_mnist | digits (built in) | shards (WebDataset)
     root: str | None = None  # where a built-in dataset's files are (default: the Debian package's path)
-    train: str | None = None  # shards: brace pattern, shard list or manifest of the training set
-    val: str | None = None  # shards: labelled evaluation set
+    # shards: a split's manifest (or the folder holding it), a brace pattern, or a list of shard paths
+    train: Any = None  # the training set (str or list of str)
+    val: Any = None  # a labelled evaluation set (str or list of str)
     num_workers: int = 8  # shards: DataLoader workers per rank (decode + crops)
     shuffle_buffer: int = 1000  # shards: samples per worker mixed before batching
 
@@ -187,6 +188,14 @@ def _validate(cfg: Config) -> None:
             f"is {cfg.data.source!r}, a built-in dataset, but data.train names shards: set "
             "data.source=shards to train on them (or drop data.train)",
         ),
+        *(
+            (
+                spec is None or isinstance(spec, str) or all(isinstance(p, str) for p in spec),
+                key,
+                "must be a manifest, folder or brace pattern (a string), or a list of shard paths",
+            )
+            for key, spec in (("data.train", cfg.data.train), ("data.val", cfg.data.val))
+        ),  # fmt: skip
         (cfg.loss.integration in ("half", "symmetric"), "loss.integration", "must be 'half' or 'symmetric'"),
         (cfg.loss.knots >= 2, "loss.knots", "must be >= 2"),
         (cfg.loss.num_slices >= 1, "loss.num_slices", "must be >= 1"),
@@ -270,6 +279,7 @@ def _apply_overrides(merged: DictConfig, overrides: list[str]) -> DictConfig:
         key = override.split("=", 1)[0].strip()
         _moved_keys([key])
         parsed = OmegaConf.from_dotlist([override])
+        _check_tuple_lengths(Config, parsed)
         current, value = OmegaConf.select(merged, key), OmegaConf.select(parsed, key)
         free_dict = isinstance(current, DictConfig) and OmegaConf.get_type(current) is dict
         if free_dict and (value is None or isinstance(value, DictConfig)):
@@ -277,6 +287,19 @@ def _apply_overrides(merged: DictConfig, overrides: list[str]) -> DictConfig:
         else:
             merged = OmegaConf.merge(merged, parsed)
     return merged
+
+
+def _check_tuple_lengths(schema: type, node: DictConfig, prefix: str = "") -> None:
+    """Fixed-length tuples (`views.global_scale`, ...) checked by name: OmegaConf reports a wrong
+    length without the key."""
+    for name, hint in get_type_hints(schema).items():
+        key, value, size = f"{prefix}{name}", node.get(name), len(get_args(hint))
+        if is_dataclass(hint) and isinstance(value, DictConfig):
+            _check_tuple_lengths(hint, value, f"{key}.")
+        elif get_origin(hint) is tuple and isinstance(value, ListConfig) and len(value) != size:
+            raise ConfigError(
+                f"config key {key!r}: takes {size} values, got {len(value)} ({OmegaConf.to_container(value)})"
+            )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -289,6 +312,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise ConfigError(f"config file {path} does not exist")
             recipe = OmegaConf.load(path)
             _moved_keys(_flat_keys(recipe))
+            _check_tuple_lengths(Config, recipe)
             merged = OmegaConf.merge(merged, recipe)
         bad = [o for o in overrides if "=" not in o]
         if bad:
@@ -300,7 +324,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        raise ConfigError(f"config key {key!r}: {e.msg if hasattr(e, 'msg') else e}".split("\n")[0]) from e
+        what = str(getattr(e, "msg", e)).split("\n")[0]
+        raise ConfigError(f"config key {key!r}: {what}" if key else what) from e
     _validate(cfg)
     return cfg
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -19,9 +20,9 @@ import torch
 
 from data_pipeline.builtin import load_builtin
 from data_pipeline.views import normalize
-from lejepa_scale.build import build_model
+from lejepa_scale.build import build_model, check_model
 from lejepa_scale.checkpoint import checkpoint_step, complete_checkpoints, load_model_weights
-from lejepa_scale.config import Config, load_config
+from lejepa_scale.config import Config, ConfigError, load_config
 from lejepa_scale.metrics import configure_logging
 from lejepa_scale.parallel import init_distributed
 from lejepa_scale.probe import extract_features, linear_probe
@@ -90,14 +91,22 @@ def probe_run(cfg: Config, pretrained: torch.nn.Module) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lejepa_scale.demo",
+        description="The CPU demo: pretrain, then probe frozen features of the pretrained backbone, of its "
+        "random init, and raw pixels.",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo_cpu.yaml")
     parser.add_argument(
         "--config", type=Path, default=DEMO_CONFIG, help="the demo recipe (a ViT: configs/demo_cpu_vit.yaml)"
     )
     args = parser.parse_args(argv)
     configure_logging()
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_model(cfg)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
     t0 = time.perf_counter()
     model = train(cfg)
     t_train = time.perf_counter() - t0

@@ -4,8 +4,9 @@ Extracts backbone features (never the projector's) from labelled data, then trai
 (LayerNorm + Linear, AdamW, cosine) and/or runs a weighted k-NN (k = 20, cosine similarity,
 temperature 0.07), and reports top-1/top-5 as a table and as JSON (`<run>/eval.json` by default,
 which `python -m lejepa_scale.report` reads). DATA is a built-in dataset (`fashion_mnist`, `digits`:
-train split for --train, test split for --val), labelled shards (manifest, folder with
-manifest.json, brace pattern) or a folder with one subfolder per class. Under
+train split for --train, test split for --val), labelled shards (a split's manifest, the folder
+holding it, a brace pattern) or a folder with one subfolder per class (unreadable files are skipped,
+counted and named). Under
 `torchrun --nproc_per_node N` every rank extracts its share of the images and rank 0 probes.
 """
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from data_pipeline.labelled import labelled_images, seeded_subset
 from data_pipeline.views import normalize
+from lejepa_scale.checkpoint import CheckpointError
 from lejepa_scale.metrics import configure_logging
 from lejepa_scale.parallel import init_distributed
 from lejepa_scale.pretrained import load_run
@@ -188,8 +190,12 @@ def evaluate(args: argparse.Namespace) -> dict | None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m lejepa_scale.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir (newest complete checkpoint) or step dir")
-    p.add_argument("--train", required=True, help="labelled training data (see the module docstring)")
-    p.add_argument("--val", required=True, help="labelled evaluation data")
+    data = (
+        "a built-in set (fashion_mnist, digits), labelled shards (a split's manifest-<split>.json, "
+        "the folder holding it, or a brace pattern) or a folder with one subfolder per class"
+    )
+    p.add_argument("--train", required=True, help=f"labelled data the probes train on: {data}")
+    p.add_argument("--val", required=True, help="labelled data the probes are scored on, as --train")
     p.add_argument("--probe", choices=("linear", "knn", "both"), default="both")
     p.add_argument(
         "--feature",
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     try:
         report = evaluate(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         if dist.is_initialized():

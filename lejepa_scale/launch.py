@@ -27,11 +27,11 @@ import traceback
 from pathlib import Path
 
 import submitit
-import timm
 import torch
 import torch.distributed as dist
 
 from data_pipeline.shards import shard_paths
+from lejepa_scale.build import check_model
 from lejepa_scale.checkpoint import checkpoint_step, complete_checkpoints, resolve_checkpoint
 from lejepa_scale.config import Config, ConfigError, from_yaml, load_config, to_yaml
 from lejepa_scale.metrics import configure_logging
@@ -152,28 +152,34 @@ def parse_time(text: str) -> int:
 
 
 def check_launchable(cfg: Config, world_size: int, gpus_per_node: int) -> None:
-    """What load_config cannot know: the world size, the files the job will read, the model name."""
+    """What load_config cannot know: the world size, the model timm builds, the device."""
     if world_size % cfg.parallel.dp_replicate:
         raise ConfigError(
             f"parallel.dp_replicate={cfg.parallel.dp_replicate} must divide the world size {world_size} "
             "(nodes x tasks per node); set it to the number of nodes for HSDP"
         )
-    if not timm.is_model(cfg.model.name):
-        raise ConfigError(f"model.name {cfg.model.name!r} is not a timm model (see timm.list_models())")
+    check_model(cfg)
     if gpus_per_node == 0 and cfg.train.device == "cuda":
         raise ConfigError("train.device=cuda but the job requests no GPUs (--gpus-per-node 0)")
+
+
+def missing_inputs(cfg: Config) -> list[str]:
+    """The files the job will read that are not there (shards, data root, checkpoint.load_from),
+    one line each: an error before submitting, a warning beside a dry run."""
+    problems = []
     if cfg.data.source == "shards":
         try:
             shard_paths(cfg.data.train)
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"data.train: {e}") from e
+            problems.append(f"data.train: {e}")
     elif cfg.data.root is not None and not Path(cfg.data.root).is_dir():
-        raise ConfigError(f"data.root {cfg.data.root} is not a directory")
+        problems.append(f"data.root {cfg.data.root} is not a directory")
     if cfg.checkpoint.load_from:
         try:
             resolve_checkpoint(cfg.checkpoint.load_from)
         except Exception as e:
-            raise ConfigError(f"checkpoint.load_from: {e}") from e
+            problems.append(f"checkpoint.load_from: {e}")
+    return problems
 
 
 class SbatchPreview(submitit.SlurmExecutor):
@@ -221,15 +227,26 @@ def network_environment(interface: str | None) -> dict[str, str]:
 
 
 def sbatch_script(args: argparse.Namespace, cfg: Config, folder: Path) -> str:
-    """The sbatch file submitit would write, without touching the run dir or needing SLURM."""
+    """The sbatch file submitit would write, without touching the run dir or needing SLURM, with
+    what each task runs spelled out above it (submitit's `_submit` line unpickles the job)."""
     with tempfile.TemporaryDirectory() as scratch:
         executor = slurm_executor(args, cfg, Path(scratch), SbatchPreview)
         text = executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
-    return text.replace(scratch, str(folder))
+    shebang, rest = text.replace(scratch, str(folder)).split("\n", 1)
+    training = " ".join(["python -m lejepa_scale.train", *(["--config", args.config] if args.config else []),
+                         *args.overrides])  # fmt: skip
+    about = [
+        "# lejepa_scale: each task runs the equivalent of",
+        f"#   {training}",
+        f"# on the resolved config (stored in the job, written to {cfg.run.dir}/config.yaml), joining",
+        "# the process group from SLURM's environment; submitit's _submit line below runs it.",
+    ]
+    return "\n".join([shebang, *about, rest])
 
 
 def run_local(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
-    """`--local N`: the same resolved config under torchrun on this machine, in the foreground."""
+    """`--local N`: the same resolved config under torchrun on this machine, in the foreground,
+    recorded in launch.jsonl like a SLURM job (start with the resume step, then its end)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     config_path.write_text(to_yaml(cfg))
@@ -238,7 +255,13 @@ def run_local(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.local)]
         command = [sys.executable, *launcher, *command[1:]]
     print(f"run dir: {run_dir}\nrunning: {' '.join(command)}", flush=True)
-    return subprocess.call(command, env={**os.environ, **network_environment(args.network_interface)})
+    record(run_dir, "start", local=args.local, world_size=args.local, resume_step=newest_step(run_dir))
+    code = subprocess.call(command, env={**os.environ, **network_environment(args.network_interface)})
+    if code == 0:
+        record(run_dir, "finished", local=args.local, step=cfg.train.steps)
+    else:
+        record(run_dir, "failed", local=args.local, reason=f"exit code {code}", requeued=False)
+    return code
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -247,18 +270,23 @@ def submit(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.run.dir)
     if args.local:
         check_launchable(cfg, args.local, gpus_per_node=torch.cuda.device_count())
-        return run_local(args, cfg, run_dir)
-    if args.tasks_per_node is None:
-        args.tasks_per_node = args.gpus_per_node or 1
-    check_launchable(cfg, args.nodes * args.tasks_per_node, args.gpus_per_node)
-    folder = run_dir / "slurm"
-    if args.dry_run:
-        print(sbatch_script(args, cfg, folder), end="")
+    else:
+        args.tasks_per_node = args.tasks_per_node or args.gpus_per_node or 1
+        check_launchable(cfg, args.nodes * args.tasks_per_node, args.gpus_per_node)
+    missing = missing_inputs(cfg)
+    if args.dry_run:  # the script, and what a real submission would refuse
+        print(sbatch_script(args, cfg, run_dir / "slurm"), end="")
+        for line in missing:
+            print(f"dry run: a submission would stop here: {line}", file=sys.stderr)
         return 0
+    if missing:
+        raise ConfigError("; ".join(missing))
+    if args.local:
+        return run_local(args, cfg, run_dir)
     if shutil.which("sbatch") is None:
         raise ConfigError("sbatch not found: run this on a SLURM login node, or use --local N / --dry-run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    job = slurm_executor(args, cfg, folder).submit(TrainJob(to_yaml(cfg), args.max_retries))
+    job = slurm_executor(args, cfg, run_dir / "slurm").submit(TrainJob(to_yaml(cfg), args.max_retries))
     record(run_dir, "submitted", job_id=job.job_id, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
            gpus_per_node=args.gpus_per_node, max_retries=args.max_retries)  # fmt: skip
     print(
@@ -295,10 +323,12 @@ def run_status(run_dir: Path) -> dict:
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     last = json.loads(lines[-1]) if lines else None
-    ours = [e for e in events if e.get("job_id") == job_id]
+    ours = [e for e in events if e.get("job_id") == job_id and ("local" in e) == (job_id is None)]
+    local = [e["local"] for e in ours if e["event"] == "start" and "local" in e]
     return {
         "run_dir": str(run_dir),
         "job_id": job_id,
+        "local": local[-1] if local else None,
         "state": job_state(job_id) if job_id and shutil.which("scontrol") else None,
         "starts": sum(e["event"] == "start" for e in ours),
         "failures": [e["reason"] for e in ours if e["event"] == "failed"],
@@ -311,7 +341,14 @@ def print_status(status: dict) -> None:
     ckpt, last = status["checkpoint"], status["last_logged"]
     rows = [
         ("run dir", status["run_dir"]),
-        ("job", f"{status['job_id']} {status['state'] or ''}" if status["job_id"] else "never submitted"),
+        (
+            "job",
+            f"{status['job_id']} {status['state'] or ''}"
+            if status["job_id"]
+            else f"local run (--local {status['local']}), not submitted"
+            if status["local"]
+            else "never run",
+        ),
         ("starts", f"{status['starts']} (1 + requeues)"),
         ("failures", "; ".join(status["failures"]) or "none"),
         ("checkpoint", f"step {ckpt['step']} ({ckpt['path']})" if ckpt else "none complete"),
@@ -361,6 +398,10 @@ def main(argv: list[str] | None = None) -> None:
         status_parser.add_argument("run_dir", type=Path)
         status_parser.add_argument("--json", action="store_true")
         args = status_parser.parse_args(argv[1:])
+        if not args.run_dir.is_dir():
+            sys.exit(
+                f"error: {args.run_dir} is not a run directory (give the run.dir a job was launched with)"
+            )
         status = run_status(args.run_dir.resolve())
         print(json.dumps(status, indent=2)) if args.json else print_status(status)
         return

@@ -120,9 +120,9 @@ class MetricsLogger:
                 settings=wandb.Settings(console="off", quiet=True),
             )
             if mode == "offline":
-                log.info(
+                log.info(  # a resumed run adds a folder per start: the pattern names them all
                     "wandb is offline (no API key); upload later with: wandb sync %s",
-                    Path(self.wandb_run.dir).parent,
+                    Path(self.wandb_run.dir).parent.parent / f"offline-run-*-{self.run_id}",
                 )
 
     def log_step(
@@ -166,7 +166,9 @@ class MetricsLogger:
         if self.interactive:
             self.bar.set_postfix(shown, refresh=False)
         else:
-            log.info("step %d/%d %s", step, self.total_steps, " ".join(f"{k}={v}" for k, v in shown.items()))
+            log.info(
+                "step %d/%d %s", step + 1, self.total_steps, " ".join(f"{k}={v}" for k, v in shown.items())
+            )
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)

@@ -26,13 +26,17 @@ class ModelOutput:
 
 def create_backbone(name: str, *, img_size: int, drop_path: float = 0.0, **kwargs) -> nn.Module:
     """Any timm model without its classifier. ViT-like models get dynamic image size so that global
-    and local crops of different resolutions share position embeddings (interpolated per forward)."""
+    and local crops of different resolutions share position embeddings (interpolated per forward).
+    The keyword arguments timm took (besides the classifier and drop path) stay on the module as
+    `timm_kwargs`: what `timm.create_model` needs to rebuild it elsewhere (an export)."""
+    sized = {**kwargs, "img_size": img_size, "dynamic_img_size": True}
     try:
-        return timm.create_model(
-            name, num_classes=0, drop_path_rate=drop_path, img_size=img_size, dynamic_img_size=True, **kwargs
-        )
+        backbone = timm.create_model(name, num_classes=0, drop_path_rate=drop_path, **sized)
+        backbone.timm_kwargs = sized
     except TypeError:  # CNNs and other models that take any input size and no such arguments
-        return timm.create_model(name, num_classes=0, drop_path_rate=drop_path, **kwargs)
+        backbone = timm.create_model(name, num_classes=0, drop_path_rate=drop_path, **kwargs)
+        backbone.timm_kwargs = dict(kwargs)
+    return backbone
 
 
 class EachInput:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lejepa_scale.build import build_model
-from lejepa_scale.config import Config, load_config
+from lejepa_scale.config import Config, ConfigError, load_config
 
 GiB = 2**30
 
@@ -204,16 +204,31 @@ def largest_batch(
     return lo
 
 
+HARDWARE = {"nodes": 1, "gpus_per_node": 8, "gpu_mem": 80.0}  # what is assumed unless given
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU")
+    parser = argparse.ArgumentParser(
+        prog="python -m lejepa_scale.plan",
+        description="Per-GPU memory and FLOPs of one LeJEPA step, and the largest batch and activation "
+        "checkpointing that fit, before anything is launched.",
+    )
+    parser.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    parser.add_argument("--nodes", type=int, help=f"default {HARDWARE['nodes']}")
+    parser.add_argument("--gpus-per-node", type=int, help=f"default {HARDWARE['gpus_per_node']}")
+    parser.add_argument("--gpu-mem", type=float, help=f"GiB per GPU, default {HARDWARE['gpu_mem']:g}")
     parser.add_argument("--reserve", type=float, default=2.0, help="GiB for CUDA context and fragmentation")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    assumed = [f"--{k.replace('_', '-')} {v:g}" for k, v in HARDWARE.items() if getattr(args, k) is None]
+    for key, value in HARDWARE.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    if assumed:
+        print(f"assuming {' '.join(assumed)} (not given)")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
     world = args.nodes * args.gpus_per_node
     shard = args.gpus_per_node if cfg.parallel.dp_replicate > 1 else world
     try:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from lejepa_scale.build import build_model
-from lejepa_scale.checkpoint import load_model_weights, read_meta, resolve_checkpoint
+from lejepa_scale.checkpoint import CheckpointError, load_model_weights, read_meta, resolve_checkpoint
 from lejepa_scale.config import Config, from_yaml
 from lejepa_scale.model import LeJEPAModel
 
@@ -36,27 +37,44 @@ def export_backbone(checkpoint: str | Path, out: Path) -> Path:
         str(out),
         metadata={
             "timm_model": cfg.model.name,
-            "timm_kwargs": json.dumps({**dict(cfg.model.backbone_kwargs), "img_size": cfg.views.global_size}),
+            "timm_kwargs": json.dumps(model.backbone.timm_kwargs),
             "checkpoint": str(step_dir),
         },
     )
     return step_dir
 
 
+LOADING = """\
+import json, timm
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+with safe_open("{path}", "pt") as f:
+    meta = f.metadata()  # timm_model, timm_kwargs (JSON), checkpoint
+model = timm.create_model(meta["timm_model"], num_classes=0, **json.loads(meta["timm_kwargs"]))
+model.load_state_dict(load_file("{path}"))"""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lejepa_scale.pretrained", description=__doc__.split("\n")[0]
+        prog="python -m lejepa_scale.pretrained",
+        description="A run's backbone for others: `export RUN --out FILE.safetensors` writes it for timm.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="consolidated backbone weights (safetensors) for timm")
     export.add_argument("checkpoint", help="run dir (newest complete checkpoint) or a step dir")
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     args = parser.parse_args(argv)
-    step_dir = export_backbone(args.checkpoint, args.out)
+    if not args.out.parent.is_dir():
+        sys.exit(f"error: --out {args.out}: folder {args.out.parent} does not exist (create it first)")
+    try:
+        step_dir = export_backbone(args.checkpoint, args.out)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
     print(
-        f"wrote {args.out} from {step_dir}; load it with timm.create_model(name, num_classes=0, ...) "
-        "and safetensors.torch.load_file (model name and kwargs are in the file's metadata)"
+        f"wrote {args.out} from {step_dir}; the metadata keys timm_model and timm_kwargs say how to build it:"
     )
+    print(LOADING.format(path=args.out))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,10 @@ def training_plots(run_dir: Path, out: Path) -> list[Path]:
         axes[2].plot(*series(records, f"health/{key}"), marker=".", label=key)
     axes[2].set(title="per-dimension std of embeddings", xlabel="step")
     axes[2].legend(fontsize=7)
+    if len(series(records, "health/effective_rank_fraction")[0]) == 1:  # one check: a step axis around it
+        step = series(records, "health/effective_rank_fraction")[0][0]
+        for ax in axes:
+            ax.set_xlim(step - 1, step + 1)
     written.append(_save(fig, out / "health.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -91,6 +95,17 @@ def training_plots(run_dir: Path, out: Path) -> list[Path]:
     axes[1].set(title="throughput (images/s, global)", xlabel="step")
     written.append(_save(fig, out / "lr_throughput.png"))
     return written
+
+
+def spatial_grid(features: torch.Tensor, prefix_tokens: int) -> tuple[torch.Tensor, str]:
+    """(N, H, W, C) features on their spatial grid and what they are: a ViT's patch tokens (after
+    its prefix tokens), a CNN's last feature map, or its pooled feature when that map is 1x1."""
+    if features.dim() == 4:  # a CNN's feature map (N, C, H, W)
+        grid = features.permute(0, 2, 3, 1)
+        return grid, "pooled feature (a 1x1 feature map)" if grid.shape[1:3] == (1, 1) else "feature map"
+    patches = features[:, prefix_tokens:]
+    side = int(math.isqrt(patches.shape[1]))
+    return patches.reshape(len(features), side, side, patches.shape[-1]), "patch features"
 
 
 @torch.no_grad()
@@ -104,16 +119,11 @@ def pca_picture(run_dir: Path, out: Path, n_images: int) -> Path:
     images, _ = next(labelled_images(spec, "val", size, 0, 1, limit=n_images))
     images = images[:n_images]
     features = backbone.forward_features(normalize(images, cfg.views.mean, cfg.views.std))
-    if features.dim() == 4:  # a CNN's feature map (N, C, H, W)
-        grid = features.permute(0, 2, 3, 1)
-    else:  # a ViT's tokens: the patches after the prefix tokens, on a square grid
-        patches = features[:, getattr(backbone, "num_prefix_tokens", 0) :]
-        side = int(math.isqrt(patches.shape[1]))
-        grid = patches.reshape(len(images), side, side, patches.shape[-1])
+    grid, what = spatial_grid(features, getattr(backbone, "num_prefix_tokens", 0))
     flat = grid.reshape(-1, grid.shape[-1])
     flat = flat - flat.mean(0)
     _, _, v = torch.linalg.svd(flat, full_matrices=False)
-    components = flat @ v[:3].T
+    components = torch.nn.functional.pad(flat @ v[:3].T, (0, 3 - min(3, len(v))))  # < 3 points: fewer PCs
     lo, hi = components.min(0).values, components.max(0).values
     rgb = ((components - lo) / (hi - lo).clamp_min(1e-8)).reshape(*grid.shape[:3], 3)
     fig, axes = plt.subplots(2, len(images), figsize=(1.8 * len(images), 3.8), squeeze=False)
@@ -122,7 +132,7 @@ def pca_picture(run_dir: Path, out: Path, n_images: int) -> Path:
         axes[1, i].imshow(rgb[i].numpy(), interpolation="nearest")
         for ax in axes[:, i]:
             ax.axis("off")
-    fig.suptitle("patch features: first 3 principal components as RGB")
+    fig.suptitle(f"{what}: first 3 principal components as RGB")
     return _save(fig, out / "pca_patches.png")
 
 
@@ -158,11 +168,13 @@ def sweep_summary(run_dirs: list[Path], alpha: float) -> dict:
             raise ValueError(f"{run_dir}: no eval.json; run python -m lejepa_scale.evaluate on it first")
         result = json.loads(evaluation.read_text())
         probe = "linear" if "linear" in result else "knn"
-        lam = float(OmegaConf.load(run_dir / "config.yaml").loss.lam)
+        config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+        lam = float(config["loss"]["lam"])
         loss = final_loss(read_metrics(run_dir))
         runs.append(
             {
                 "run": str(run_dir),
+                "config": flat_config(config),
                 "lam": lam,
                 "loss": loss,
                 "scaled_loss": loss / lam**alpha,
@@ -170,13 +182,32 @@ def sweep_summary(run_dirs: list[Path], alpha: float) -> dict:
                 "probe": probe,
             }
         )
+    differing = sorted(
+        key for key in set().union(*(r["config"] for r in runs))
+        if key != "run.dir" and len({repr(r["config"].get(key)) for r in runs}) > 1
+    )  # fmt: skip
+    for r in runs:
+        r["label"] = ", ".join(f"{key.split('.')[-1]}={r['config'].get(key)}" for key in differing)
+        del r["config"]
     accuracy = [r["accuracy"] for r in runs]
     return {
+        "differing_keys": differing,
         "alpha": alpha,
         "spearman_scaled": float(spearmanr([r["scaled_loss"] for r in runs], accuracy).statistic),
         "spearman_raw": float(spearmanr([r["loss"] for r in runs], accuracy).statistic),
         "runs": runs,
     }
+
+
+def flat_config(config: dict, prefix: str = "") -> dict[str, object]:
+    """{'loss.lam': 0.05, ...}: the keys a sweep varies, to label its points by."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value and key != "backbone_kwargs":
+            flat |= flat_config(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def sweep_plot(summary: dict, out: Path) -> Path:
@@ -189,7 +220,8 @@ def sweep_plot(summary: dict, out: Path) -> Path:
         ys = [r["accuracy"] for r in summary["runs"]]
         ax.scatter(xs, ys)
         for r, x, y in zip(summary["runs"], xs, ys, strict=True):
-            ax.annotate(f"λ={r['lam']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(r["label"] or Path(r["run"]).name, (x, y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
         ax.set(xlabel=f"final {label}", ylabel="probe top-1", title=f"Spearman ρ = {rho:.3f}")
     return _save(fig, out / "sweep_scaled_loss_vs_accuracy.png")
 
@@ -210,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
 def report(run_dirs: list[Path], out_dir: Path, alpha: float, pca_images: int) -> None:
     """Each run's plots in `<run>/report/`; the sweep plot in `out_dir` when 3+ runs have eval.json."""
     for run_dir in run_dirs:
+        if not (run_dir / "metrics.jsonl").exists():
+            raise ValueError(f"{run_dir}: no metrics.jsonl here (give run directories of lejepa_scale.train)")
+    for run_dir in run_dirs:
         out = run_dir / "report"
         out.mkdir(exist_ok=True)
         written = training_plots(run_dir, out)
@@ -217,7 +252,10 @@ def report(run_dirs: list[Path], out_dir: Path, alpha: float, pca_images: int) -
             written.append(pca_picture(run_dir, out, pca_images))
         print(f"{run_dir}: " + ", ".join(p.name for p in written))
     evaluated = [d for d in run_dirs if (d / "eval.json").exists()]
-    if len(evaluated) >= 3:
+    if len(evaluated) < 3:
+        print(f"no sweep plot: it needs 3 or more runs with eval.json, {len(evaluated)} of these have one "
+              "(python -m lejepa_scale.evaluate --checkpoint RUN ... writes it)")  # fmt: skip
+    else:
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = sweep_summary(evaluated, alpha)
         (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2))

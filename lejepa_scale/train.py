@@ -34,6 +34,7 @@ from lejepa_scale.build import (
     build_probe,
     build_scheduler,
     build_swa,
+    check_model,
 )
 from lejepa_scale.checkpoint import (
     Checkpointer,
@@ -41,10 +42,11 @@ from lejepa_scale.checkpoint import (
     OptimizerState,
     complete_checkpoints,
     load_model_weights,
+    read_meta,
     resolve_checkpoint,
 )
 from lejepa_scale.collectives import any_rank
-from lejepa_scale.config import Config, load_config, to_yaml
+from lejepa_scale.config import Config, ConfigError, from_yaml, load_config, to_yaml
 from lejepa_scale.metrics import MetricsLogger, configure_logging
 from lejepa_scale.model import LeJEPAModel
 from lejepa_scale.parallel import DistEnv, full_state_dict, init_distributed
@@ -62,11 +64,31 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed * 1000 + rank
 
 
+ARCHITECTURE = ("name", "backbone_kwargs", "proj_hidden_dim", "proj_dim", "proj_embed_dim", "swa_target")
+
+
+def check_same_model(cfg: Config, step_dir: Path) -> None:
+    """A checkpoint holds the model its stored config describes: a different one cannot load into
+    this run's model, so say which keys differ instead of listing missing tensors."""
+    saved = from_yaml(read_meta(step_dir)["config"]).model
+    differ = [
+        f"model.{key} {getattr(saved, key)!r} (checkpoint) vs {getattr(cfg.model, key)!r} (requested)"
+        for key in ARCHITECTURE
+        if getattr(saved, key) != getattr(cfg.model, key)
+    ]
+    if differ:
+        raise ConfigError(
+            f"{step_dir} holds another model than the config asks for: {'; '.join(differ)}. Resume with "
+            "the run's own config (its config.yaml) or start a new run.dir"
+        )
+
+
 def resume(cfg: Config, env: DistEnv, checkpointer: Checkpointer, model, loader, rng: RandomState) -> int:
     """Continue from this run's newest complete checkpoint, else start from `checkpoint.load_from`,
     else from scratch; returns the first step to run."""
     latest = checkpointer.latest()
     if latest is not None:
+        check_same_model(cfg, latest)
         meta = checkpointer.load(latest)
         checkpointer.meta.update({k: v for k, v in meta.items() if k not in ("step", "world_size")})
         if meta["world_size"] != env.world_size:  # positions and RNG streams do not map across rank counts
@@ -87,6 +109,7 @@ def resume(cfg: Config, env: DistEnv, checkpointer: Checkpointer, model, loader,
     if not cfg.checkpoint.load_from:
         return 0
     source = resolve_checkpoint(cfg.checkpoint.load_from)  # a new run from another run's weights
+    check_same_model(cfg, source)
     if cfg.checkpoint.load_model_only:
         load_model_weights(source, model, checkpointer.group)
         log.info("initialised from %s (weights)", source)
@@ -128,7 +151,6 @@ def train(cfg: Config) -> LeJEPAModel:
     run_dir = Path(cfg.run.dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
@@ -139,7 +161,7 @@ def train(cfg: Config) -> LeJEPAModel:
     loss_fn = build_loss(cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    loader, num_classes = build_loader(cfg, env)
+    loader, num_classes, data = build_loader(cfg, env)
     photometric = build_photometric(cfg)
     probe = build_probe(cfg, model.feature_dim, num_classes, env)
     swa = build_swa(cfg, env, model)
@@ -148,9 +170,9 @@ def train(cfg: Config) -> LeJEPAModel:
     rng.seed(rank_seed(cfg.run.seed, env.rank))
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     if env.is_main:
-        log.info("%s: %.1fM parameters, %d rank(s) on %s, %d steps of %d per rank (%s data); model %s in "
+        log.info("%s: %.1fM parameters, %d rank(s) on %s, %d steps of %d per rank (data: %s); model %s in "
                  "%.2f s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, env.world_size,
-                 env.device.type, cfg.train.steps, cfg.train.batch_size, cfg.data.source,
+                 env.device.type, cfg.train.steps, cfg.train.batch_size, data,
                  "initialised" if initialize else "allocated for a checkpoint", t_build)  # fmt: skip
         interfaces = {
             k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in os.environ
@@ -163,6 +185,10 @@ def train(cfg: Config) -> LeJEPAModel:
     run_meta = {"config": to_yaml(cfg)}  # in every checkpoint's meta.json, with the wandb run id
     checkpointer = build_checkpointer(cfg, env, state, {"loader": loader, "rng": rng}, run_meta)
     start_step = resume(cfg, env, checkpointer, model, loader, rng)
+    if env.is_main:  # after a successful resume: a refused one leaves the run's config as it was
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if start_step >= cfg.train.steps:
+        return finished(cfg, env, model, run_dir, checkpointer)
     preemption = PreemptionFlag()
     logger = MetricsLogger(
         run_dir, cfg.train.steps, start_step=start_step, enabled=env.is_main, batch_size=cfg.train.batch_size,
@@ -216,8 +242,7 @@ def train(cfg: Config) -> LeJEPAModel:
             control = (step + 1) % cfg.train.control_every == 0 or last
             if control and agree(step, preemption, checkpointer, logger) and not (last or saved):
                 checkpointer.save(step + 1)  # the time rule
-    if start_step < cfg.train.steps or checkpointer.latest() is None:
-        checkpointer.save(cfg.train.steps, blocking=True)
+    checkpointer.save(cfg.train.steps, blocking=True)
     logger.close()
     if cfg.checkpoint.enabled:
         weights = full_state_dict(model)
@@ -226,18 +251,40 @@ def train(cfg: Config) -> LeJEPAModel:
     return model
 
 
+def finished(cfg: Config, env: DistEnv, model: LeJEPAModel, run_dir: Path, checkpointer: Checkpointer):
+    """A rerun of a complete run: say so and where its outputs are (model.pt is written if missing)."""
+    weights = full_state_dict(model)  # a collective: every rank takes part
+    if env.is_main:
+        if not (run_dir / "model.pt").exists():
+            torch.save(weights, run_dir / "model.pt")
+        log.info("%s is complete (step %d of %d), nothing to train: final weights %s, checkpoint %s, "
+                 "metrics %s; raise train.steps to train further", run_dir, cfg.train.steps,
+                 cfg.train.steps, run_dir / "model.pt", checkpointer.latest(),
+                 run_dir / "metrics.jsonl")  # fmt: skip
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lejepa_scale.train",
+        description="LeJEPA pretraining in one process or under torchrun (train.batch_size is per rank).",
+    )
     parser.add_argument("--config", help="recipe YAML (configs/*.yaml); schema defaults without it")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
     configure_logging()
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_model(cfg)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
     try:
         train(cfg)
     except Preempted as e:
         log.warning("%s", e)
         sys.exit(EXIT_PREEMPTED)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

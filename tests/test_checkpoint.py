@@ -203,9 +203,7 @@ def test_export_loads_into_timm_with_matching_outputs(tmp_path):
     assert "moved to `python -m lejepa_scale.pretrained export`" in result.stderr
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    backbone = timm.create_model(
-        meta["timm_model"], num_classes=0, dynamic_img_size=True, **json.loads(meta["timm_kwargs"])
-    ).eval()
+    backbone = timm.create_model(meta["timm_model"], num_classes=0, **json.loads(meta["timm_kwargs"])).eval()
     backbone.load_state_dict(load_file(str(out)), strict=True)
     cfg = load_config(ROOT / "configs/demo_cpu_vit.yaml", [f"run.dir={tmp_path}", *SMALL])
     trained = build_model(cfg).eval()

@@ -46,7 +46,7 @@ def test_imagenet_train_with_bad_inputs(imagenet, tmp_path):
         )
         == 0
     )
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "manifest-train.json").read_text())
     wnids = [f"n{1000 + c:08d}" for c in range(4)]
     assert json.loads((tmp_path / "classes.json").read_text()) == wnids == manifest["classes"]
     skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
@@ -135,18 +135,18 @@ def test_killed_conversion_reruns_to_identical_shards(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = len(list((tmp_path / "killed").glob("data-*.json")))
-    assert 0 < finished < 15 and not (tmp_path / "killed" / "manifest.json").exists()
+    assert 0 < finished < 15 and not (tmp_path / "killed" / "manifest-data.json").exists()
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     assert not list((tmp_path / "killed").glob("*.tmp"))
     assert shard_bytes(tmp_path / "killed") == shard_bytes(tmp_path / "clean")
-    assert json.loads((tmp_path / "killed" / "manifest.json").read_text()) == json.loads(
-        (tmp_path / "clean" / "manifest.json").read_text()
+    assert json.loads((tmp_path / "killed" / "manifest-data.json").read_text()) == json.loads(
+        (tmp_path / "clean" / "manifest-data.json").read_text()
     )
 
 
 def test_zstd_round_trip(tmp_path):
     plain_dir, zstd_dir = convert_plain_and_zstd(tmp_path)
-    manifest = json.loads((zstd_dir / "manifest.json").read_text())
+    manifest = json.loads((zstd_dir / "manifest-data.json").read_text())
     assert manifest["compression"] == "zstd" and all(
         s["name"].endswith(".tar.zst") for s in manifest["shards"]
     )
@@ -172,11 +172,11 @@ def test_slurm_array_tasks_split_the_shards(tmp_path, monkeypatch):
         "data-000001.tar",
         "data-000003.tar",
     ]
-    assert not (tmp_path / "array" / "manifest.json").exists()
+    assert not (tmp_path / "array" / "manifest-data.json").exists()
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
     convert.main([*args, "--out", str(tmp_path / "array")])
     assert shard_bytes(tmp_path / "array") == shard_bytes(tmp_path / "single")
-    assert (tmp_path / "array" / "manifest.json").exists()
+    assert (tmp_path / "array" / "manifest-data.json").exists()
 
 
 def test_tree_without_classes_is_a_clear_error(tmp_path):

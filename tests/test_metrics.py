@@ -2,6 +2,7 @@
 embedding-health signal against its Gaussian and collapse reference levels."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +49,8 @@ def test_wandb_offline_run_and_a_resume_that_continues_the_same_run(tmp_path):
     assert "resumed from" in second.stderr
     segments = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(segments) == 2 and all(s.name.endswith(f"-{run_id}") for s in segments)
+    hint = second.stderr.split("wandb sync ")[1].split()[0]  # one command uploads every segment
+    assert sorted(Path("/").glob(hint.lstrip("/"))) == segments
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
     assert [r["step"] for r in metrics(run_dir)] == list(range(6))
 
