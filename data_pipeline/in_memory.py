@@ -67,9 +67,6 @@ class InMemoryViews:
                 )
                 self.batch += 1
                 views = [v.expand(-1, -1, 3, -1, -1) for v in self.crops(self.images[idx], gen)]
-                labels = None if self.labels is None else self.labels[idx]
-                if self.pin_memory:  # page-locked: the copy to the GPU is asynchronous
-                    views = [v.pin_memory() for v in views]
-                    labels = None if labels is None else labels.pin_memory()
-                yield ViewBatch(views=views, labels=labels)
+                batch = ViewBatch(views=views, labels=None if self.labels is None else self.labels[idx])
+                yield batch.pin_memory() if self.pin_memory else batch  # the copy to the GPU: asynchronous
             self.epoch, self.batch = self.epoch + 1, 0

@@ -8,6 +8,7 @@ reproduces every view.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -77,10 +78,9 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
 
     images: (B, C, H, W) uint8 or float; returns the same dtype."""
     src = images.float()
-    rois = torch.cat([torch.arange(len(boxes), dtype=src.dtype).unsqueeze(1), boxes.to(src.dtype)], 1)
-    out = roi_align(
-        src, rois.to(src.device), output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
-    )
+    index = torch.arange(len(boxes), dtype=src.dtype, device=boxes.device)
+    rois = torch.cat([index.unsqueeze(1), boxes.to(src.dtype)], 1)  # boxes live where the images do
+    out = roi_align(src, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     if images.dtype == torch.uint8:
         return out.round_().clamp_(0, 255).to(torch.uint8)
     return out
@@ -310,3 +310,11 @@ class ViewBatch:
     labels: torch.Tensor | None
     keys: list[str] | None = None  # sample keys, when the source has them
     corrupt: int = 0  # samples skipped as unreadable since the previous batch
+
+    def pin_memory(self) -> ViewBatch:
+        """Page-locked copies (the DataLoader's pin thread calls this; torch passes other objects
+        through unpinned), so the copy to the GPU runs asynchronously. Contiguous first: a pinned
+        broadcast view (grayscale expanded to 3 channels) would be materialised again, pageable."""
+        views = [v.contiguous().pin_memory() for v in self.views]
+        labels = None if self.labels is None else self.labels.pin_memory()
+        return dataclasses.replace(self, views=views, labels=labels)

@@ -37,12 +37,30 @@ def check_model(cfg: Config) -> None:
     kwargs = dict(cfg.model.backbone_kwargs)
     try:
         with torch.device("meta"):
-            create_backbone(cfg.model.name, img_size=cfg.views.global_size, **kwargs)
+            backbone = create_backbone(cfg.model.name, img_size=cfg.views.global_size, **kwargs)
     except Exception as e:
         raise ConfigError(
             f"model.backbone_kwargs {kwargs}: timm cannot build {cfg.model.name} with them "
             f"({type(e).__name__}: {e})".split("\n")[0]
         ) from e
+    if cfg.train.float8 and hasattr(backbone, "patch_embed"):
+        check_float8_tokens(cfg, backbone.patch_embed.patch_size[0], backbone.num_prefix_tokens)
+
+
+def check_float8_tokens(cfg: Config, patch: int, prefix_tokens: int) -> None:
+    """Float8 matmuls (torch._scaled_mm) need every inner dimension divisible by 16; in a block's
+    weight-gradient matmul that is the token count of one call: views x batch x tokens per view.
+    GPUs check it only in the first backward; here it fails before anything runs."""
+    views = ((cfg.views.n_global, cfg.views.global_size), (cfg.views.n_local, cfg.views.local_size))
+    for n, size in views:
+        tokens = (size // patch) ** 2 + prefix_tokens
+        if n and n * cfg.train.batch_size * tokens % 16:
+            multiple = 16 // math.gcd(16, n * tokens)
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size}: with train.float8 a block's token count must be "
+                f"divisible by 16, and {n} views x {cfg.train.batch_size} images x {tokens} tokens "
+                f"({size} px) is not: use a multiple of {multiple} (or train.float8=false)"
+            )
 
 
 def build_model(cfg: Config) -> LeJEPAModel:
@@ -77,6 +95,7 @@ def build_parallel_model(cfg: Config, env: DistEnv, initialize: bool = True) -> 
         compile=cfg.parallel.compile,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
         float8=cfg.train.float8_recipe if cfg.train.float8 else None,
+        float8_all_gather=cfg.train.float8_all_gather,
         initialize=initialize,
     )
 
@@ -190,4 +209,5 @@ def build_checkpointer(
         enabled=c.enabled,
         device=env.device,
         replica=(env.rank // (env.world_size // replicas), replicas),
+        replicate_group=build_mesh(env, replicas).get_group("dp_replicate") if replicas > 1 else None,
     )

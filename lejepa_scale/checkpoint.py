@@ -46,6 +46,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lejepa_scale.collectives import any_rank
+from lejepa_scale.parallel import plain_tensor
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +164,16 @@ class BackgroundStager(AsyncStager):
 
 class ModelState(Stateful):
     """A model through DCP's state-dict API: sharded under FSDP2, keys free of wrapper prefixes, any
-    world size on load. Buffers (BatchNorm statistics) are copied when the state is taken: the next
-    forward changes them, before a background save would have copied them."""
+    world size on load, plain tensors (a float8 weight subclass is stored as the weight inside it).
+    Buffers (BatchNorm statistics) are copied when the state is taken: the next forward changes
+    them, before a background save would have copied them."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
     def state_dict(self) -> dict[str, Any]:
         buffers = {b.data_ptr() for b in self.model.buffers()}
-        state = get_model_state_dict(self.model)
+        state = {k: plain_tensor(v) for k, v in get_model_state_dict(self.model).items()}
         return {
             k: v.clone() if not isinstance(v, DTensor) and v.data_ptr() in buffers else v
             for k, v in state.items()
@@ -181,9 +183,9 @@ class ModelState(Stateful):
         set_model_state_dict(self.model, state)
 
     def finite(self) -> bool:
-        """Whether this rank's shards of the parameters are all finite."""
-        local = (p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters())
-        return all(bool(torch.isfinite(p).all()) for p in local)
+        """Whether this rank's shards of the parameters are all finite (one host read)."""
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
+        return bool(torch.stack([torch.isfinite(p).all() for p in local]).all())
 
 
 class OptimizerState(Stateful):
@@ -234,13 +236,24 @@ def replica_share(tree: Any, replica: int, replicas: int) -> tuple[Any, int]:
 
 
 def _replica_groups(replica: int, replicas: int) -> tuple[Any, Any]:
-    """(the gloo group of replica 0's ranks, which reads a checkpoint; this rank's group across
-    replicas, on the default backend, which shares it). Every rank creates every group."""
+    """Two gloo groups (cheap, CPU only): replica 0's ranks, which read a checkpoint, and this rank's
+    group across replicas, which shares what lives on the host. Every rank creates every group."""
     shards = _world_size() // replicas
     read_group = dist.new_group(list(range(shards)), backend="gloo")
     across = [[shard + r * shards for r in range(replicas)] for shard in range(shards)]
-    replicate_group, _ = dist.new_subgroups_by_enumeration(across)
-    return read_group if replica == 0 else None, replicate_group
+    host_group, _ = dist.new_subgroups_by_enumeration(across, backend="gloo")
+    return read_group if replica == 0 else None, host_group
+
+
+def on_device(leaves: list[Any], device: torch.device) -> list[bool]:
+    """Which state leaves live on the training device (a DTensor by its shard): those go over the
+    training backend; the rest (an optimizer's CPU step count, SWA's count, Python values) stay on
+    the host, where NCCL cannot send them."""
+    return [
+        isinstance(leaf, torch.Tensor)
+        and (leaf.to_local() if isinstance(leaf, DTensor) else leaf).device == device
+        for leaf in leaves
+    ]
 
 
 def _rank() -> int:
@@ -292,6 +305,7 @@ class Checkpointer:
         enabled: bool = True,
         device: torch.device | str = "cpu",
         replica: tuple[int, int] = (0, 1),
+        replicate_group=None,
     ):
         if keep_last < 2:
             raise ValueError("checkpoint.keep_last must be >= 2 (the newest may still be in flight)")
@@ -305,9 +319,15 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.in_flight: tuple[int, Any] | None = None
         self.staging: Any = None  # future of the background copy of the in-flight save
-        self.stager = stager_for(torch.device(device)) if async_save else None
+        self.device = torch.device(device)
+        self.stager = stager_for(self.device) if async_save else None
         self.replica = replica  # (this rank's replica, replicas): HSDP replicas write disjoint shares
-        self.read_group, self.replicate_group = _replica_groups(*replica) if replica[1] > 1 else (None, None)
+        if replica[1] > 1 and replicate_group is None:
+            raise ValueError(
+                "HSDP checkpoints need the mesh's replicate group (mesh.get_group('dp_replicate'))"
+            )
+        self.replicate_group = replicate_group  # the mesh's group across replicas (training backend)
+        self.read_group, self.host_group = _replica_groups(*replica) if replica[1] > 1 else (None, None)
         self.staged_bytes = 0  # tensor bytes this rank copied for its last save
         self.last_save_time = time.monotonic()
         if self.rank == 0:
@@ -364,6 +384,8 @@ class Checkpointer:
             self.in_flight = (step, None)
             self.finish()
         else:
+            if self.device.type == "cuda":  # the staging copy runs on a side stream: after this step's work
+                torch.cuda.current_stream(self.device).synchronize()
             response = dcp.async_save(
                 tensors, checkpoint_id=tmp, process_group=self.group, async_stager=self.stager
             )
@@ -425,7 +447,7 @@ class Checkpointer:
         it was written by as many ranks as this job has, `per_rank` from this rank's file. Returns
         its meta.json (step, world size, what the run stored)."""
         meta = json.loads((path / "meta.json").read_text())
-        if self.replicate_group is None:
+        if self.replica[1] == 1:
             load_tensors(path, dict(self.state), self.group)
         else:
             self._load_once_and_share(path)
@@ -438,20 +460,22 @@ class Checkpointer:
 
     def _load_once_and_share(self, path: Path) -> None:
         """Under HSDP: replica 0 reads the checkpoint (DCP, resharded to its ranks), then each of its
-        ranks broadcasts what it holds to the ranks holding the same shard in the other replicas,
-        over the training backend (NCCL between GPUs). The file system serves one copy, not R."""
+        ranks broadcasts what it holds to the ranks holding the same shard in the other replicas:
+        device tensors over the mesh's replicate group (NCCL between GPUs), what lives on the host
+        as objects over a gloo group. The file system serves one copy, not R."""
         tree = {name: state.state_dict() for name, state in self.state.items()}
         if self.replica[0] == 0:
             load_tensors(path, tree, self.read_group)
         leaves, spec = tree_flatten(tree)
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor):
+        device = on_device(leaves, self.device)
+        for leaf, here in zip(leaves, device, strict=True):
+            if here:
                 local = leaf.to_local() if isinstance(leaf, DTensor) else leaf
                 dist.broadcast(local, group=self.replicate_group, group_src=0)
-        others = [leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)]
-        dist.broadcast_object_list(others, group=self.replicate_group, group_src=0)
-        received = iter(others)
-        leaves = [leaf if isinstance(leaf, torch.Tensor) else next(received) for leaf in leaves]
+        host = [leaf for leaf, here in zip(leaves, device, strict=True) if not here]
+        dist.broadcast_object_list(host, group=self.host_group, group_src=0)
+        received = iter(host)
+        leaves = [leaf if here else next(received) for leaf, here in zip(leaves, device, strict=True)]
         tree = tree_unflatten(leaves, spec)
         for name, state in self.state.items():
             state.load_state_dict(tree[name])

@@ -101,6 +101,7 @@ class TrainConfig:
     sync_debug: bool = False  # CUDA: error on any host sync in a step that does not log
     float8: bool = False  # float8 matmuls in the blocks' Linears (torchao; GPUs of capability 8.9+)
     float8_recipe: str = "tensorwise"  # tensorwise (with float8 FSDP all-gathers) | rowwise
+    float8_all_gather: bool | None = None  # tensorwise: FSDP gathers weights in float8 (None: on GPUs)
 
 
 @dataclass

@@ -66,20 +66,35 @@ def feature_fn(backbone: torch.nn.Module, kind: str):
 
 @torch.no_grad()
 def extract(encode, batches, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
-    """Features and labels of this rank's images, gathered on rank 0 (None elsewhere)."""
+    """Features and labels of this rank's images, gathered on rank 0 (None elsewhere) as tensors on
+    the device (what NCCL sends), padded to the largest share, then moved to the host on rank 0."""
     feats, labels = [], []
     for images, y in batches:
-        feats.append(encode(normalize(images.to(device), mean, std)).float().cpu())
-        labels.append(y)
-    local = (torch.cat(feats) if feats else torch.empty(0), torch.cat(labels) if labels else torch.empty(0))
+        feats.append(encode(normalize(images.to(device, non_blocking=True), mean, std)).float())
+        labels.append(y.to(device, non_blocking=True))
     if not dist.is_initialized():
-        return local
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local, gathered, dst=0)
-    if dist.get_rank() != 0:
+        return torch.cat(feats).cpu(), torch.cat(labels).cpu()
+    shape = torch.tensor([sum(len(y) for y in labels), feats[0].shape[1] if feats else 0], device=device)
+    shapes = [torch.zeros_like(shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, shape)  # each rank's image count and feature width
+    counts = [int(n) for n, _ in shapes]
+    width, most = max(int(d) for _, d in shapes), max(counts)
+    local_x = torch.zeros(most, width, device=device)
+    local_y = torch.full((most,), -1, dtype=torch.long, device=device)
+    if feats:
+        local_x[: counts[dist.get_rank()]] = torch.cat(feats)
+        local_y[: counts[dist.get_rank()]] = torch.cat(labels)
+    main = dist.get_rank() == 0
+    all_x = [torch.empty_like(local_x) for _ in counts] if main else None
+    all_y = [torch.empty_like(local_y) for _ in counts] if main else None
+    dist.gather(local_x, all_x, dst=0)
+    dist.gather(local_y, all_y, dst=0)
+    if not main:
         return None
-    parts = [g for g in gathered if len(g[1])]
-    return torch.cat([g[0] for g in parts]), torch.cat([g[1] for g in parts]).long()
+    return (
+        torch.cat([x[:n] for x, n in zip(all_x, counts, strict=True)]).cpu(),
+        torch.cat([y[:n] for y, n in zip(all_y, counts, strict=True)]).cpu(),
+    )
 
 
 def few_shot(features: torch.Tensor, labels: torch.Tensor, shots: int, seed: int = 0):

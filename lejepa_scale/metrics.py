@@ -89,6 +89,7 @@ class MetricsLogger:
         self.lam, self.alpha, self.alarm_after = lam, alpha, alarm_after
         self.run_id = run_id
         self.wandb_run = None
+        self.last_logged: tuple[int, float] | None = None  # (step, time) of the last logged step
         path = run_dir / "metrics.jsonl"
         if enabled and path.exists():  # a resumed or restarted run re-logs what followed its checkpoint
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step]
@@ -139,10 +140,16 @@ class MetricsLogger:
     ) -> dict[str, float]:
         """The metrics of one step: loss parts and `counters` (e.g. probe accuracy, corrupt samples)
         averaged over ranks, lr, grad norm, throughput; with `embeddings` (global, local), their
-        health. Returns them on every rank."""
+        health. Returns them on every rank. Throughput (images/s, MFU) is measured from one logged
+        step to the next, once their values are read (GPUs run ahead of the host); the first logged
+        step uses its own host time, `seconds`."""
         values = {"loss": loss.total, "pred": loss.prediction, "sigreg": loss.sigreg, "grad_norm": grad_norm}
         metrics = mean_over_ranks({**values, "data_wait": data_seconds / seconds, **counters}, self.device)
         metrics.update(scaled_loss=scaled_loss(metrics["loss"], self.lam, self.alpha), lr=lr)
+        now = time.perf_counter()  # the values were just read: the device has finished this step
+        if self.last_logged is not None:  # throughput over the steps since the last logged one
+            seconds = (now - self.last_logged[1]) / (step - self.last_logged[0])
+        self.last_logged = (step, now)
         metrics.update(throughput(seconds, self.batch_size, self.world_size, self.device, self.flops_per_step,
                                   self.peak))  # fmt: skip
         if embeddings is not None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torchtitan.distributed.activation_checkpoint import SelectiveAC
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -48,7 +51,11 @@ def init_distributed(device_name: str) -> DistEnv:
         raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = (
+        torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
+        if cuda
+        else torch.device("cpu")
+    )
     if cuda:
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
@@ -57,17 +64,47 @@ def init_distributed(device_name: str) -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device)
 
 
+@contextmanager
+def host_syncs_fail(enabled: bool, device: torch.device) -> Iterator[None]:
+    """`train.sync_debug`: inside, any host sync on a CUDA device raises (torch's sync debug mode);
+    outside (logging, control steps, saves, barriers: the loop's planned syncs) it is off. The
+    mode is process-wide: the checkpointer's staging thread is waited for outside."""
+    if not (enabled and device.type == "cuda"):
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU of a task among those it sees: LOCAL_RANK when every GPU of the node is visible to
+    every task, 0 when SLURM binds one GPU per task (`--gpus-per-task=1`, CUDA_VISIBLE_DEVICES set
+    per task): LOCAL_RANK modulo the visible devices covers both."""
+    return local_rank % max(1, visible)
+
+
+_MESH: tuple[Any, tuple, DeviceMesh] | None = None  # (process group, shape, mesh): one per process
+
+
 def build_mesh(env: DistEnv, dp_replicate: int) -> DeviceMesh:
     """1-D ("dp_shard",) for FSDP, or 2-D ("dp_replicate", "dp_shard") for HSDP: replicate across
-    groups of ranks (nodes), shard within a group."""
+    groups of ranks (nodes), shard within a group. Built once per process group: the SWA copy and
+    the checkpointer's replica groups reuse its communicators (each NCCL one holds GPU memory)."""
+    global _MESH
     if env.world_size % dp_replicate:
         raise ValueError(
             f"parallel.dp_replicate={dp_replicate} does not divide the world size {env.world_size}"
         )
-    if dp_replicate == 1:
-        return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("dp_shard",))
-    shape = (dp_replicate, env.world_size // dp_replicate)
-    return init_device_mesh(env.device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard"))
+    shape = (dp_replicate, env.world_size // dp_replicate) if dp_replicate > 1 else (env.world_size,)
+    if _MESH is not None and _MESH[0] is dist.group.WORLD and _MESH[1] == (env.device.type, shape):
+        return _MESH[2]
+    names = ("dp_replicate", "dp_shard") if dp_replicate > 1 else ("dp_shard",)
+    mesh = init_device_mesh(env.device.type, shape, mesh_dim_names=names)
+    _MESH = (dist.group.WORLD, (env.device.type, shape), mesh)
+    return mesh
 
 
 def repeated_blocks(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -109,10 +146,11 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()
 
 
-def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> None:
-    """Float8 training for the blocks' Linear layers (torchao): `tensorwise` scales (and, on GPUs,
-    FSDP2 all-gathers the weights in float8) or `rowwise` scales. Needs a GPU of compute capability
-    8.9+ (H100, L40S, B200); on CPU torchao emulates it, which tests the wiring, not the speed."""
+def apply_float8(model: nn.Module, recipe: str, device: torch.device, all_gather: bool | None = None) -> None:
+    """Float8 training for the blocks' Linear layers (torchao): `tensorwise` scales (and, with
+    `all_gather` (default: on GPUs), FSDP2 all-gathers the weights in float8, which makes each block
+    weight a torchao tensor subclass) or `rowwise` scales. Needs a GPU of compute capability 8.9+
+    (H100, L40S, B200); on CPU torchao emulates it, which tests the wiring, not the speed."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
@@ -125,7 +163,8 @@ def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> None:
     config = dataclasses.replace(
         config,
         emulate=device.type != "cuda",
-        enable_fsdp_float8_all_gather=recipe == "tensorwise" and device.type == "cuda",
+        enable_fsdp_float8_all_gather=recipe == "tensorwise"
+        and (device.type == "cuda" if all_gather is None else all_gather),
     )
 
     def blocks_only(module: nn.Module, fqn: str) -> bool:  # float8 matmuls want dimensions divisible by 16
@@ -133,6 +172,34 @@ def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> None:
         return in_dims_ok and module.out_features % 16 == 0 and ".blocks." in f".{fqn}"
 
     convert_to_float8_training(model, config=config, module_filter_fn=blocks_only)
+
+
+def float8_scale_update(model: nn.Module) -> Callable[[], None] | None:
+    """With float8 all-gathers: after each update, the scales of every float8 weight in one amax
+    all-reduce (torchao's precompute), instead of one all-reduce per weight at each all-gather."""
+    if not any(is_float8_weight(p) for p in model.parameters()):
+        return None
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    return lambda: precompute_float8_dynamic_scale_for_fsdp(model)
+
+
+def is_float8_weight(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` (or a DTensor's shard) is torchao's float8-gathered weight subclass."""
+    local = tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+    return type(local).__module__.startswith("torchao.float8")
+
+
+def plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The high-precision tensor inside a float8 weight subclass (sharing its storage), a DTensor
+    kept a DTensor; any other tensor as it is. Checkpoints and exports hold plain tensors: loadable
+    without torchao, and DCP's stager copies them (it cannot copy the subclass)."""
+    if not is_float8_weight(tensor):
+        return tensor
+    if isinstance(tensor, DTensor):
+        return DTensor.from_local(plain_tensor(tensor._local_tensor), tensor.device_mesh, tensor.placements,
+                                  run_check=False, shape=tensor.shape, stride=tensor.stride())  # fmt: skip
+    return tensor._tensor
 
 
 def apply_fsdp(
@@ -159,6 +226,7 @@ def parallelize(
     compile: bool = False,
     reshard_after_forward: bool = True,
     float8: str | None = None,
+    float8_all_gather: bool | None = None,
     initialize: bool = True,
 ) -> nn.Module:
     """Build the model and apply float8 (a recipe name, or None), AC, compile and FSDP. Without a
@@ -171,7 +239,7 @@ def parallelize(
     if mesh is None:
         model = build().to(env.device)
         if float8:
-            apply_float8(model, float8, env.device)
+            apply_float8(model, float8, env.device, float8_all_gather)
         apply_activation_checkpointing(model, activation_checkpointing, ac_every)
         if compile:
             apply_compile(model)
@@ -179,7 +247,7 @@ def parallelize(
     with torch.device("meta"):
         model = build()
     if float8:
-        apply_float8(model, float8, env.device)
+        apply_float8(model, float8, env.device, float8_all_gather)
     apply_activation_checkpointing(model, activation_checkpointing, ac_every)
     if compile:
         apply_compile(model)
@@ -209,4 +277,5 @@ def _broadcast_buffers(model: nn.Module, reference: nn.Module | None) -> None:
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded, wrapper-free state dict on rank 0 (empty elsewhere), on CPU."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {name: plain_tensor(value) for name, value in full.items()}

@@ -9,6 +9,7 @@ the world size.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -49,6 +50,16 @@ def quadrature(
     else:
         raise ValueError(f"loss.integration must be 'half' or 'symmetric', got {integration!r}")
     return t, w * torch.exp(-0.5 * t.square())
+
+
+@functools.cache
+def quadrature_on(
+    t_max: float, knots: int, integration: Integration, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quadrature` built once per device and dtype: constants, so no step writes host numbers into
+    device tensors (on a GPU each such write is a blocking copy)."""
+    t, w = quadrature(t_max, knots, integration, dtype=dtype, device=torch.device("cpu"))
+    return t.to(device), w.to(device)
 
 
 def _phase_chunks(u: torch.Tensor, t: torch.Tensor):
@@ -113,7 +124,7 @@ def epps_pulley(
     """
     dtype = torch.float64 if proj.dtype == torch.float64 else torch.float32
     u = proj.to(dtype)
-    t, weights = quadrature(t_max, knots, integration, dtype=dtype, device=u.device)
+    t, weights = quadrature_on(t_max, knots, integration, dtype, u.device)
     sums = _ECFSums.apply(u, t) if lean else _ecf_sums_naive(u, t)
     count = torch.full((1,), u.shape[-2], dtype=dtype, device=u.device)  # no host-to-device copy
     group = group if group is not None else default_group()

@@ -41,12 +41,14 @@ def train_step(
     *,
     clip_grad: float = 0.0,
     before_update=None,
+    after_update=None,
     target: WeightAverage | None = None,
 ) -> StepResult:
     """Forward every crop size, the LeJEPA loss (SIGReg over the global batch), backward, AdamW.
     The gradient norm is global (one all-reduce), so a NaN/Inf anywhere makes it non-finite on every
     rank and every rank skips the update. `clip_grad` > 0 clips to that norm. `before_update` runs
-    right before parameters change (the checkpointer waits there for its background copy). With an
+    right before parameters change (the checkpointer waits there for its background copy),
+    `after_update` right after (float8 all-gathers precompute their weights' scales there). With an
     SWA `target`, the centres come from it, and it averages the updated weights."""
     with autocast:
         out = model(views[0], views[1] if len(views) > 1 else None)
@@ -61,6 +63,8 @@ def train_step(
         before_update()
     optimizer.found_inf = skipped  # read by fused AdamW on the device: no update, no step count
     optimizer.step()
+    if after_update is not None:
+        after_update()
     scheduler.step()
     if target is not None:
         target.update(step)

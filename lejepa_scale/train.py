@@ -49,7 +49,13 @@ from lejepa_scale.collectives import any_rank
 from lejepa_scale.config import Config, ConfigError, from_yaml, load_config, to_yaml
 from lejepa_scale.metrics import MetricsLogger, configure_logging
 from lejepa_scale.model import LeJEPAModel
-from lejepa_scale.parallel import DistEnv, full_state_dict, init_distributed
+from lejepa_scale.parallel import (
+    DistEnv,
+    float8_scale_update,
+    full_state_dict,
+    host_syncs_fail,
+    init_distributed,
+)
 from lejepa_scale.plan import step_flops
 from lejepa_scale.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 from lejepa_scale.profiling import step_profiler
@@ -168,6 +174,7 @@ def train(cfg: Config) -> LeJEPAModel:
     augment_gen = torch.Generator(device=env.device)
     rng = RandomState({"augment": augment_gen})
     rng.seed(rank_seed(cfg.run.seed, env.rank))
+    float8_scales = float8_scale_update(model)
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     if env.is_main:
         log.info("%s: %.1fM parameters, %d rank(s) on %s, %d steps of %d per rank (data: %s); model %s in "
@@ -209,23 +216,23 @@ def train(cfg: Config) -> LeJEPAModel:
         for step in range(start_step, cfg.train.steps):
             last, health = step == cfg.train.steps - 1, step % cfg.log.health_every == 0
             logged = health or step % cfg.train.log_every == 0 or last
-            if cfg.train.sync_debug and env.device.type == "cuda":  # a host sync outside logging: error
-                torch.cuda.set_sync_debug_mode(0 if logged else "error")
             t_start = time.perf_counter()
             batch = next(batches)
             t_data = time.perf_counter()
-            views = [photometric(v.to(env.device, non_blocking=True), augment_gen) for v in batch.views]
-            result = train_step(
-                model, loss_fn, optimizer, scheduler, views, step, autocast,
-                clip_grad=cfg.optim.clip_grad, before_update=checkpointer.wait_for_staging, target=swa,
-            )  # fmt: skip
-            skipped, streak = skipped + result.skipped, (streak + 1) * result.skipped
-            counters = {"skipped_nonfinite": skipped, "nonfinite_streak": streak,
-                        "corrupt_samples": getattr(loader, "corrupt_total", 0)}  # fmt: skip
-            if probe is not None and batch.labels is not None:
-                labels = batch.labels.to(env.device, non_blocking=True).repeat(cfg.views.n_global)
-                features = result.output.features_global.flatten(0, 1)
-                counters["probe_loss"], counters["probe_acc"] = probe.step(features, labels)
+            with host_syncs_fail(cfg.train.sync_debug and not logged, env.device):  # the step proper
+                views = [photometric(v.to(env.device, non_blocking=True), augment_gen) for v in batch.views]
+                result = train_step(
+                    model, loss_fn, optimizer, scheduler, views, step, autocast,
+                    clip_grad=cfg.optim.clip_grad, before_update=checkpointer.wait_for_staging,
+                    after_update=float8_scales, target=swa,
+                )  # fmt: skip
+                skipped, streak = skipped + result.skipped, (streak + 1) * result.skipped
+                counters = {"skipped_nonfinite": skipped, "nonfinite_streak": streak,
+                            "corrupt_samples": getattr(loader, "corrupt_total", 0)}  # fmt: skip
+                if probe is not None and batch.labels is not None:
+                    labels = batch.labels.to(env.device, non_blocking=True).repeat(cfg.views.n_global)
+                    features = result.output.features_global.flatten(0, 1)
+                    counters["probe_loss"], counters["probe_acc"] = probe.step(features, labels)
             logger.advance()
             profiler.step()
             if logged:
@@ -242,6 +249,8 @@ def train(cfg: Config) -> LeJEPAModel:
             control = (step + 1) % cfg.train.control_every == 0 or last
             if control and agree(step, preemption, checkpointer, logger) and not (last or saved):
                 checkpointer.save(step + 1)  # the time rule
+            if cfg.train.sync_debug:  # the staging thread's syncs happen here, not inside a checked step
+                checkpointer.wait_for_staging()
     checkpointer.save(cfg.train.steps, blocking=True)
     logger.close()
     if cfg.checkpoint.enabled:

@@ -1,7 +1,8 @@
 """Count, from outside the code under test, what a training process spends outside compute: the
 collectives it issues (as the profiler sees them at the backend: every c10d and functional
 collective, also those DTensor issues internally) and the host reads of tensor values made by the
-project's own code (each one a device sync on a GPU)."""
+project's own code that would make a GPU and its host wait for each other (reads of values, Python
+numbers written into tensors, tensors made from host data, blocking copies)."""
 
 from __future__ import annotations
 
@@ -29,29 +30,67 @@ KINDS = {  # c10d's ops, as the profiler names them (what the backend does with 
 }
 
 
-class HostReads:
-    """Counts Tensor.item/tolist/__bool__/__int__/__float__ calls whose caller is project code."""
+def _from_project() -> bool:
+    return sys._getframe(2).f_code.co_filename.startswith(PROJECT)
+
+
+def _device_of(args: tuple, kwargs: dict) -> torch.device | None:
+    """The device a `.to(...)` call moves to, if it names one (not a dtype-only cast)."""
+    target = kwargs.get("device", next((a for a in args if isinstance(a, str | torch.device)), None))
+    if target is None and args and isinstance(args[0], torch.Tensor):
+        target = args[0].device
+    return torch.device(target) if target is not None else None
+
+
+class HostSyncs:
+    """Counts what the project's own code does that makes a GPU wait for the host or the host for the
+    GPU, each kind apart: reads of tensor values (Tensor.item/tolist/__bool__/__int__/__float__),
+    writes of Python numbers into tensor elements (`w[0] = 1.0`: a blocking host-to-device copy),
+    `torch.tensor(..., device=...)` (a copy from pageable memory) and `.to(device)` without
+    `non_blocking=True`. On CPU none of them waits; counting them makes the GPU's rule fail here."""
+
+    KINDS = ("host_reads", "scalar_writes", "host_tensors", "blocking_copies")
 
     def __init__(self):
-        self.count = 0
-        self._originals = {}
+        self.counts = dict.fromkeys(self.KINDS, 0)
+        self._originals: list[tuple[object, str, object]] = []
 
-    def __enter__(self) -> HostReads:
+    def _wrap(self, owner, name: str, kind_of) -> None:
+        original = getattr(owner, name)
+        self._originals.append((owner, name, original))
+
+        def counted(*args, **kwargs):
+            kind = kind_of(args, kwargs)
+            if kind and _from_project():
+                self.counts[kind] += 1
+            return original(*args, **kwargs)
+
+        setattr(owner, name, counted)
+
+    def __enter__(self) -> HostSyncs:
         for name in READS:
-            original = getattr(torch.Tensor, name)
-            self._originals[name] = original
-
-            def counted(tensor, *args, _original=original, **kwargs):
-                if sys._getframe(1).f_code.co_filename.startswith(PROJECT):
-                    self.count += 1
-                return _original(tensor, *args, **kwargs)
-
-            setattr(torch.Tensor, name, counted)
+            self._wrap(torch.Tensor, name, lambda args, kwargs: "host_reads")
+        self._wrap(
+            torch.Tensor,
+            "__setitem__",
+            lambda args, kwargs: "scalar_writes" if isinstance(args[2], int | float | bool) else None,
+        )
+        self._wrap(torch, "tensor", lambda args, kwargs: "host_tensors" if "device" in kwargs else None)
+        self._wrap(
+            torch.Tensor,
+            "to",
+            lambda args, kwargs: (
+                "blocking_copies"
+                if _device_of(args[1:], kwargs) is not None and not kwargs.get("non_blocking", False)
+                else None
+            ),
+        )
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, original in self._originals.items():
-            setattr(torch.Tensor, name, original)
+        for owner, name, original in reversed(self._originals):
+            setattr(owner, name, original)
+        self._originals.clear()
 
 
 class StepCounts:
@@ -59,24 +98,24 @@ class StepCounts:
     between two `mark()` calls (the trainer calls one at the start of every step)."""
 
     def __init__(self):
-        self.reads = HostReads()
+        self.syncs = HostSyncs()
         self.intervals: list[Counter] = []
         self._profiler = None
-        self._reads_at_mark = 0
+        self._syncs_at_mark = dict(self.syncs.counts)
 
     def __enter__(self) -> StepCounts:
-        self.reads.__enter__()
+        self.syncs.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._close_interval()
-        self.reads.__exit__(*exc)
+        self.syncs.__exit__(*exc)
 
     def mark(self) -> None:
         self._close_interval()
         self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
         self._profiler.__enter__()
-        self._reads_at_mark = self.reads.count
+        self._syncs_at_mark = dict(self.syncs.counts)
 
     def _close_interval(self) -> None:
         if self._profiler is None:
@@ -84,7 +123,8 @@ class StepCounts:
         self._profiler.__exit__(None, None, None)
         events = self._profiler.events()
         counts = Counter(KINDS.get(e.name, e.name) for e in events if e.name.startswith("c10d::"))
-        counts["host_reads"] = self.reads.count - self._reads_at_mark
+        for kind, count in self.syncs.counts.items():
+            counts[kind] = count - self._syncs_at_mark[kind]
         self.intervals.append(counts)
         self._profiler = None
 

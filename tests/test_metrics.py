@@ -69,6 +69,17 @@ def test_every_step_metrics_and_health_are_logged(tmp_path):
     assert not (tmp_path / "wandb").exists()
 
 
+def test_throughput_is_measured_between_logged_steps(tmp_path):
+    """GPUs run ahead of the host: a logged step's images/s covers every step since the previous
+    logged one, timed when their values are read, not one step's host time."""
+    run_train(tmp_path, *TINY, "train.steps=7", "train.log_every=3", "log.health_every=1000")
+    records = metrics(tmp_path)
+    assert [r["step"] for r in records] == [0, 3, 6]
+    for before, after in zip(records, records[1:], strict=False):
+        elapsed = after["time"] - before["time"]  # both stamped right after the values were read
+        assert after["img_per_s"] * elapsed / 3 == pytest.approx(16, rel=0.02)
+
+
 def test_wandb_mode_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     for var in ("WANDB_MODE", "WANDB_API_KEY"):

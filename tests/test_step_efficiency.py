@@ -60,6 +60,9 @@ def test_a_step_that_does_not_log_gathers_once_per_unit_and_never_reads_the_devi
         # control step's packed agreement (1 per 10 steps, on a CPU group of its own)
         assert per_step["all_reduce"] == pytest.approx(8 + 1 / 10), per_step
         assert per_step["host_reads"] == pytest.approx(1 / 10)  # the control step's CPU result
+        # nothing else that makes a GPU wait: no Python numbers written into tensors, no tensors
+        # made from host data on the device, no blocking copies
+        assert (per_step["scalar_writes"], per_step["host_tensors"], per_step["blocking_copies"]) == (0, 0, 0)
 
 
 def test_one_call_per_block_equals_one_pass_per_crop_size():

@@ -1,0 +1,143 @@
+"""Rules CUDA and NCCL enforce that CPU and gloo never do, made to fail here: float8 weight
+subclasses in checkpoints (torchao's FSDP float8 all-gather forced on, emulated), token counts float8
+matmuls cannot take, pinned and contiguous batches, features gathered as tensors (NCCL sends no
+pickles), host-resident state kept off the training backend, and the GPU a task picks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data._utils.pin_memory import pin_memory
+
+from data_pipeline.in_memory import InMemoryViews
+from data_pipeline.views import CropSpec, ViewBatch
+from lejepa_scale.build import check_model
+from lejepa_scale.checkpoint import on_device
+from lejepa_scale.config import ConfigError, load_config
+from lejepa_scale.parallel import cuda_index
+from tests.distributed import run_ranks
+from tests.helpers import DEMO, ENV, ROOT, TINY, run_train, weights
+
+FLOAT8 = [*TINY, "train.float8=true", "train.float8_all_gather=true", "train.log_every=1"]
+
+
+def test_a_float8_async_checkpoint_holds_the_live_weights_and_loads_without_torchao(tmp_path):
+    """With float8 all-gathers every block weight is torchao's subclass; DCP's stager cannot copy it
+    (it stages uninitialised memory). A background save must equal a blocking one of the same step,
+    and what is written must be plain tensors (model.pt loads with weights_only, export works)."""
+    from lejepa_scale.pretrained import export_backbone, load_run
+
+    common = [*FLOAT8, "train.steps=3", "checkpoint.every_steps=2"]
+    run_train(tmp_path / "async", *common, nproc=2)
+    run_train(tmp_path / "blocking", *common, "checkpoint.async_save=false", nproc=2)
+    step2 = "checkpoints/step-00000002"
+    background = load_run(tmp_path / "async" / step2)[0].state_dict()  # a plain model: no float8 here
+    blocking = load_run(tmp_path / "blocking" / step2)[0].state_dict()
+    for name, value in blocking.items():
+        assert torch.equal(background[name], value), name
+    final = weights(tmp_path / "async")  # torch.load(weights_only=True): refuses torchao's classes
+    assert all(type(v) is torch.Tensor for v in final.values())
+    export_backbone(tmp_path / "async", tmp_path / "backbone.safetensors")  # safetensors refuses subclasses
+
+
+def float8_scales_worker(rank, world_size):
+    from lejepa_scale.build import build_loss, build_optimizer, build_parallel_model, build_scheduler
+    from lejepa_scale.parallel import float8_scale_update, init_distributed, is_float8_weight
+    from lejepa_scale.step import train_step
+
+    cfg = load_config(DEMO, ["run.dir=x", *FLOAT8, "train.precision=fp32"])
+    env = init_distributed("cpu")
+    model = build_parallel_model(cfg, env)
+    optimizer = build_optimizer(model, cfg)
+    float8 = [p for p in model.parameters() if is_float8_weight(p)]
+    views = [torch.rand(2, 16, 3, 24, 24), torch.rand(4, 16, 3, 12, 12)]
+    train_step(model, build_loss(cfg), optimizer, build_scheduler(optimizer, cfg), views, 0,
+               torch.autocast("cpu", enabled=False), after_update=float8_scale_update(model))  # fmt: skip
+    return len(float8), [p._local_tensor._precomputed_scale is not None for p in float8]
+
+
+def test_float8_all_gather_scales_are_precomputed_after_each_update():
+    for count, precomputed in run_ranks(float8_scales_worker, 2):
+        assert count == 8 and all(precomputed)  # 2 blocks x (qkv, proj, fc1, fc2)
+
+
+@pytest.mark.parametrize("batch, ok", [(29, False), (50, False), (54, False), (56, True), (64, True)])
+def test_float8_token_counts_that_scaled_mm_refuses_fail_at_config_time(batch, ok):
+    """ViT-g/14 at 224 px: 257 tokens per view, so 2 global views x B images x 257 must be a
+    multiple of 16 (B a multiple of 8); the planner's suggestions 29, 50, 54 are not."""
+    recipe = "configs/vit_g14_in1k_16nodes.yaml"
+    cfg = load_config(recipe, ["run.dir=x", "train.float8=true", f"train.batch_size={batch}"])
+    if ok:
+        check_model(cfg)
+    else:
+        with pytest.raises(ConfigError, match=r"2 views x \d+ images x 257 tokens .* multiple of 8"):
+            check_model(cfg)
+
+
+def test_batches_are_pinned_contiguous_on_both_sources(monkeypatch):
+    """torch's pin_memory passes a dataclass through unpinned; ViewBatch pins itself. A grayscale
+    image expanded to 3 channels is a broadcast view: it is made contiguous before pinning (CPU
+    builds of torch cannot pin, so the pinning call is recorded here)."""
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t)
+    images, labels = torch.randint(0, 255, (40, 1, 28, 28), dtype=torch.uint8), torch.arange(40)
+    crops = [CropSpec(2, 24, (0.3, 1.0)), CropSpec(2, 12, (0.1, 0.3))]
+    source = InMemoryViews(images, labels, batch_size=8, crops=crops, seed=0, pin_memory=True)
+    batch = next(iter(source))
+    assert len(pinned) == 3 and all(t.is_contiguous() for t in pinned)  # 2 crop kinds + labels
+    assert batch.views[0].stride()[2] != 0  # not the broadcast view
+    pinned.clear()
+    loader_batch = ViewBatch(views=[torch.zeros(2, 4, 1, 8, 8).expand(-1, -1, 3, -1, -1)], labels=None)
+    out = pin_memory(loader_batch)  # what the DataLoader's pin thread does with each batch
+    assert isinstance(out, ViewBatch) and len(pinned) == 1 and pinned[0].is_contiguous()
+
+
+def extraction_worker(rank, world_size):
+    from torch.distributed import distributed_c10d
+
+    from lejepa_scale.evaluate import extract
+
+    pickled = []
+    original = distributed_c10d._object_to_tensor
+    distributed_c10d._object_to_tensor = lambda *a, **k: pickled.append(1) or original(*a, **k)
+    share = rank * 3 + 2  # unequal shares: 2 and 5 images
+    batches = [(torch.full((share, 3, 8, 8), float(rank)), torch.full((share,), rank))]
+    result = extract(lambda x: x.mean((2, 3)), batches, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
+    return result, len(pickled)
+
+
+def test_evaluation_features_are_gathered_as_tensors_not_pickles():
+    (gathered, pickles0), (nothing, pickles1) = run_ranks(extraction_worker, 2)
+    features, labels = gathered
+    assert labels.tolist() == [0, 0, 1, 1, 1, 1, 1] and features.shape == (7, 3)
+    assert nothing is None and pickles0 == pickles1 == 0
+
+
+def test_host_resident_state_is_told_apart_from_device_state():
+    """What an HSDP resume broadcasts over the training backend: only leaves on the training device
+    ("meta" stands in for a GPU here); a CPU step count or a Python number goes over gloo."""
+    device = torch.device("meta")
+    leaves = [torch.empty(4, device=device), torch.tensor(3.0), 7, "adamw", torch.empty((), device=device)]
+    assert on_device(leaves, device) == [True, False, False, False, True]
+    assert on_device(leaves, torch.device("cpu")) == [False, True, False, False, False]
+
+
+def test_each_task_picks_a_gpu_it_can_see():
+    assert [cuda_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]  # every GPU visible to every task
+    assert [cuda_index(r, 1) for r in (0, 3, 7)] == [0, 0, 0]  # --gpus-per-task=1: one GPU per task
+
+
+def test_the_gpu_acceptance_command_passes_its_cpu_smoke_run():
+    """`python benchmarks/gpu_check.py --smoke`: every check of the GPU command, tiny and on CPU."""
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke"], capture_output=True,
+                            text=True, cwd=ROOT, env=ENV, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| check |")
+    ]
+    assert len(rows) == 9 and all("| pass |" in row for row in rows), rows
