@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from lejepa_scale.build import build_loss, build_model, build_optimizer, build_scheduler
-from lejepa_scale.checkpoint import Checkpointer, ModelState, OptimizerState
+from lejepa_scale.checkpoint import Checkpointer
 from lejepa_scale.config import load_config
 from lejepa_scale.rng import RandomState
+from lejepa_scale.states import ModelState, OptimizerState
 
 
 class _Position:

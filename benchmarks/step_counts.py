@@ -48,12 +48,14 @@ def worker(rank: int, world_size: int, run_dir: str, overrides: list[str]) -> di
 
 
 def main() -> None:
-    print("| model | all-gathers | reduce-scatters | all-reduces | host reads |")
-    print("|---|---|---|---|---|")
+    kinds = ("all_gather", "reduce_scatter", "all_reduce", "host_reads", "scalar_writes", "host_tensors",
+             "blocking_copies")  # fmt: skip
+    print("| model | " + " | ".join(kind.replace("_", " ") for kind in kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
     for name, overrides in MODELS.items():
         with tempfile.TemporaryDirectory() as run_dir:
             per_step = run_ranks(worker, 2, run_dir, overrides)[0]
-        cells = [per_step.get(k, 0.0) for k in ("all_gather", "reduce_scatter", "all_reduce", "host_reads")]
+        cells = [per_step.get(k, 0.0) for k in kinds]
         print(f"| {name} | " + " | ".join(f"{v:g}" for v in cells) + " |", flush=True)
 
 

@@ -7,253 +7,37 @@ the states that hold tensors (model, optimizer, LR schedule, online probe), `ran
 and what the run adds: wandb run id, resolved config). It is written as `step-00001000.tmp/` and
 renamed by rank 0 only after every rank has finished writing, so a directory without `.tmp` is
 complete by construction; a `.tmp` left by a killed job is never loaded and is removed at the next
-start.
-
-Loading never unpickles arbitrary objects: DCP's metadata file is read with an unpickler that
-accepts only DCP's own metadata classes, and non-tensor entries (optimizer hyperparameters, the LR
-schedule) are read with torch.load(weights_only=True).
+start. Reading is safe (`safe_loading`), the copy to host memory is `staging`'s, what a model and
+an optimizer store is `states`', and HSDP replicas share the work through `replicas`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import pickle
 import re
 import shutil
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.tensor import DTensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lejepa_scale.collectives import any_rank
-from lejepa_scale.parallel import plain_tensor
+from lejepa_scale.collectives import any_rank, from_rank0
+from lejepa_scale.replicas import broadcast_from_first_replica, replica_groups, replica_share
+from lejepa_scale.safe_loading import CheckpointError, load_tensors
+from lejepa_scale.staging import stager_for
+from lejepa_scale.states import ModelState
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # Without a process group DCP warns that it assumes one process: here that is always the intent.
 warnings.filterwarnings("ignore", message=r"torch\.distributed is .*assuming the intent is to (save|load)")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot or must not be loaded; the message names the file."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Safe reading of DCP metadata
-# ---------------------------------------------------------------------------------------------------
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Only the classes DCP's metadata is made of: anything else (e.g. os.system) is refused."""
-
-    ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata", "collections"}
-    ALLOWED = {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("torch.serialization", "_get_layout"),
-        ("torch", "Size"),
-        ("pathlib", "PosixPath"),
-        ("pathlib", "PurePosixPath"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if module in self.ALLOWED_MODULES or (module, name) in self.ALLOWED or dtype:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-class SafeReader(FileSystemReader):
-    """A DCP FileSystemReader whose metadata unpickling accepts only DCP's metadata classes."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = Path(self.path) / ".metadata"
-        try:
-            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-        except (pickle.UnpicklingError, AttributeError, EOFError, ValueError, TypeError) as e:
-            raise CheckpointError(
-                f"{path}: not a loadable checkpoint ({e}); it may be tampered with or corrupt"
-            ) from e
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP metadata")
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """Non-tensor entries are loaded with weights_only semantics (primitives and containers only)."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"checkpoint entry {read_item.dest_index.fqn}: refused to unpickle ({e})"
-            ) from e
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-def load_tensors(path: Path, template: dict, group=None) -> None:
-    """dcp.load into `template` (in place) with safe reading; any refusal is a CheckpointError."""
-    try:
-        dcp.load(template, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), process_group=group)
-    except CheckpointException as e:
-        raise CheckpointError(f"{path}: cannot load: {str(e).splitlines()[-1]}") from e
-
-
-def stager_for(device: torch.device) -> AsyncStager:
-    """How a background save copies the state to host memory. On GPUs: DCP's stager with pinned
-    buffers allocated on the first save and reused after, non-blocking copies on a side stream, in
-    its own thread. On CPUs (where pinned memory and side streams do not exist): a plain copy in a
-    background thread. Either way the loop waits for the copy only right before optimizer.step."""
-    if device.type == "cuda":
-        return DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
-                                            use_async_staging=True, use_non_blocking_copy=True))  # fmt: skip
-    return BackgroundStager()
-
-
-class BackgroundStager(AsyncStager):
-    """DCP's own copy of the state to fresh CPU memory, run in a background thread, so the loop
-    only waits for it right before it next mutates parameters or optimizer state (optimizer.step)."""
-
-    _synchronize_after_execute = False
-
-    def __init__(self):
-        self._copy = DefaultStager(StagingOptions(False, False, False, False))
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-staging")
-
-    def stage(self, state_dict):
-        return self._pool.submit(self._copy.stage, state_dict)
-
-    def synchronize_staging(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._copy.close()
-
-
-# ---------------------------------------------------------------------------------------------------
-# What a model and its optimizer look like to the checkpointer
-# ---------------------------------------------------------------------------------------------------
-
-
-class ModelState(Stateful):
-    """A model through DCP's state-dict API: sharded under FSDP2, keys free of wrapper prefixes, any
-    world size on load, plain tensors (a float8 weight subclass is stored as the weight inside it).
-    Buffers (BatchNorm statistics) are copied when the state is taken: the next forward changes
-    them, before a background save would have copied them."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def state_dict(self) -> dict[str, Any]:
-        buffers = {b.data_ptr() for b in self.model.buffers()}
-        state = {k: plain_tensor(v) for k, v in get_model_state_dict(self.model).items()}
-        return {
-            k: v.clone() if not isinstance(v, DTensor) and v.data_ptr() in buffers else v
-            for k, v in state.items()
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state)
-
-    def finite(self) -> bool:
-        """Whether this rank's shards of the parameters are all finite (one host read)."""
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
-        return bool(torch.stack([torch.isfinite(p).all() for p in local]).all())
-
-
-class OptimizerState(Stateful):
-    """An optimizer's state keyed by parameter names (so it reshards with the model)."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The checkpointer
-# ---------------------------------------------------------------------------------------------------
-
-
-def replica_share(tree: Any, replica: int, replicas: int) -> tuple[Any, int]:
-    """The part of a state this replica writes, and its tensor bytes. Under HSDP every replica holds
-    the same state: each entry goes to the replica with the fewest bytes so far (by global sizes,
-    so every rank decides alike), so together the replicas write everything once, in about equal
-    shares, and each rank copies to host only what it writes. Lists stay whole (DCP names their
-    items by position)."""
-    load, kept, mine = [0] * replicas, {}, 0
-
-    def visit(node: dict, out: dict) -> None:
-        nonlocal mine
-        for key, value in node.items():
-            if isinstance(value, dict):
-                out[key] = {}
-                visit(value, out[key])
-                continue
-            tensors = [
-                t for t in (value if isinstance(value, list) else [value]) if isinstance(t, torch.Tensor)
-            ]
-            owner = load.index(min(load))
-            load[owner] += sum(t.numel() * t.element_size() for t in tensors) + 1  # + 1: spread small entries
-            if owner == replica:
-                out[key] = value
-                local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-                mine += sum(t.numel() * t.element_size() for t in local)
-
-    visit(tree, kept)
-    return kept, mine
-
-
-def _replica_groups(replica: int, replicas: int) -> tuple[Any, Any]:
-    """Two gloo groups (cheap, CPU only): replica 0's ranks, which read a checkpoint, and this rank's
-    group across replicas, which shares what lives on the host. Every rank creates every group."""
-    shards = _world_size() // replicas
-    read_group = dist.new_group(list(range(shards)), backend="gloo")
-    across = [[shard + r * shards for r in range(replicas)] for shard in range(shards)]
-    host_group, _ = dist.new_subgroups_by_enumeration(across, backend="gloo")
-    return read_group if replica == 0 else None, host_group
-
-
-def on_device(leaves: list[Any], device: torch.device) -> list[bool]:
-    """Which state leaves live on the training device (a DTensor by its shard): those go over the
-    training backend; the rest (an optimizer's CPU step count, SWA's count, Python values) stay on
-    the host, where NCCL cannot send them."""
-    return [
-        isinstance(leaf, torch.Tensor)
-        and (leaf.to_local() if isinstance(leaf, DTensor) else leaf).device == device
-        for leaf in leaves
-    ]
 
 
 def _rank() -> int:
@@ -327,7 +111,7 @@ class Checkpointer:
                 "HSDP checkpoints need the mesh's replicate group (mesh.get_group('dp_replicate'))"
             )
         self.replicate_group = replicate_group  # the mesh's group across replicas (training backend)
-        self.read_group, self.host_group = _replica_groups(*replica) if replica[1] > 1 else (None, None)
+        self.read_group, self.host_group = replica_groups(*replica) if replica[1] > 1 else (None, None)
         self.staged_bytes = 0  # tensor bytes this rank copied for its last save
         self.last_save_time = time.monotonic()
         if self.rank == 0:
@@ -340,9 +124,10 @@ class Checkpointer:
     # -- discovery --------------------------------------------------------------------------------
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint of this run, if any."""
-        done = complete_checkpoints(self.folder) if self.enabled else []
-        return done[-1] if done else None
+        """The newest complete checkpoint of this run, if any, as rank 0 sees it (a collective:
+        every rank calls it, and every rank gets the same answer)."""
+        done = complete_checkpoints(self.folder) if self.enabled and self.rank == 0 else []
+        return from_rank0(done[-1] if done else None)
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -459,24 +244,12 @@ class Checkpointer:
         return meta
 
     def _load_once_and_share(self, path: Path) -> None:
-        """Under HSDP: replica 0 reads the checkpoint (DCP, resharded to its ranks), then each of its
-        ranks broadcasts what it holds to the ranks holding the same shard in the other replicas:
-        device tensors over the mesh's replicate group (NCCL between GPUs), what lives on the host
-        as objects over a gloo group. The file system serves one copy, not R."""
+        """Under HSDP: replica 0 reads the checkpoint (DCP, resharded to its ranks) and shares it
+        with the other replicas. The file system serves one copy, not R."""
         tree = {name: state.state_dict() for name, state in self.state.items()}
         if self.replica[0] == 0:
             load_tensors(path, tree, self.read_group)
-        leaves, spec = tree_flatten(tree)
-        device = on_device(leaves, self.device)
-        for leaf, here in zip(leaves, device, strict=True):
-            if here:
-                local = leaf.to_local() if isinstance(leaf, DTensor) else leaf
-                dist.broadcast(local, group=self.replicate_group, group_src=0)
-        host = [leaf for leaf, here in zip(leaves, device, strict=True) if not here]
-        dist.broadcast_object_list(host, group=self.host_group, group_src=0)
-        received = iter(host)
-        leaves = [leaf if here else next(received) for leaf, here in zip(leaves, device, strict=True)]
-        tree = tree_unflatten(leaves, spec)
+        tree = broadcast_from_first_replica(tree, self.device, self.replicate_group, self.host_group)
         for name, state in self.state.items():
             state.load_state_dict(tree[name])
 

@@ -46,15 +46,30 @@ def default_group() -> dist.ProcessGroup | None:
 _CONTROL_GROUP = None
 
 
+def _control_group() -> dist.ProcessGroup:
+    global _CONTROL_GROUP
+    if _CONTROL_GROUP is None:  # created in lockstep: every rank reaches its first call together
+        _CONTROL_GROUP = dist.new_group(backend="gloo")
+    return _CONTROL_GROUP
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank (through the CPU control group): one rank decides what the
+    file system says (which checkpoint is the newest, whether one exists), so ranks whose view of a
+    shared file system lags (NFS attribute caching) cannot decide differently."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, group=_control_group(), group_src=0)
+    return box[0]
+
+
 def any_rank(*flags: bool) -> list[bool]:
     """For each flag, whether it holds on at least one rank: one packed all-reduce (MAX) through a
     CPU (gloo) group of its own, so it never waits on the accelerator, works beside NCCL and never
     interleaves with the collectives of a checkpoint being written in the background."""
-    global _CONTROL_GROUP
     if not dist.is_initialized():
         return list(flags)
-    if _CONTROL_GROUP is None:  # created in lockstep: every rank reaches its first call together
-        _CONTROL_GROUP = dist.new_group(backend="gloo")
     packed = torch.tensor([int(f) for f in flags])
-    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=_control_group())
     return [bool(v) for v in packed.tolist()]

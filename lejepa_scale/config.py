@@ -98,6 +98,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     max_nonfinite_steps: int = 5  # consecutive NaN/Inf gradients (updates skipped) before stopping
     control_every: int = 10  # steps between the ranks' agreements on preemption and time-based saves
+    hang_timeout: float = 1800.0  # s without a completed step: log where it waits, exit 4 (0: off)
     sync_debug: bool = False  # CUDA: error on any host sync in a step that does not log
     float8: bool = False  # float8 matmuls in the blocks' Linears (torchao; GPUs of capability 8.9+)
     float8_recipe: str = "tensorwise"  # tensorwise (with float8 FSDP all-gathers) | rowwise
@@ -124,6 +125,7 @@ class ParallelConfig:
     ac_every: int = 2
     compile: bool = False  # torch.compile each block
     reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3) or keep (ZeRO-2)
+    timeout: float = 30.0  # minutes a collective may wait before it fails (init_process_group's timeout)
 
 
 @dataclass
@@ -220,12 +222,14 @@ def _validate(cfg: Config) -> None:
             "must be tensorwise or rowwise",
         ),
         (cfg.train.control_every >= 1, "train.control_every", "must be >= 1"),
+        (cfg.train.hang_timeout >= 0, "train.hang_timeout", "must be >= 0 seconds (0: no watchdog)"),
         (
             cfg.profile.every >= cfg.profile.warmup + cfg.profile.active,
             "profile.every",
             "must be >= profile.warmup + profile.active",
         ),
         (cfg.parallel.ac_every >= 1, "parallel.ac_every", "must be >= 1"),
+        (cfg.parallel.timeout > 0, "parallel.timeout", "must be > 0 (minutes)"),
         (cfg.views.n_global >= 1, "views.n_global", "must be >= 1 (the centres come from global views)"),
         (cfg.views.n_local >= 0, "views.n_local", "must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),

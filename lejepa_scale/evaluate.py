@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 from data_pipeline.labelled import labelled_images, seeded_subset
 from data_pipeline.views import normalize
-from lejepa_scale.checkpoint import CheckpointError
 from lejepa_scale.metrics import configure_logging
 from lejepa_scale.parallel import init_distributed
 from lejepa_scale.pretrained import load_run
 from lejepa_scale.probe import ProbeResult, linear_probe
+from lejepa_scale.safe_loading import CheckpointError
 
 log = logging.getLogger("lejepa_scale.evaluate")
 

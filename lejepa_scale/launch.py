@@ -93,7 +93,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                    network_interface=os.environ.get("GLOO_SOCKET_IFNAME"))  # fmt: skip
         requeue = signal.getsignal(submitit.JobEnvironment._usr_sig())  # submitit's checkpoint + requeue
         try:
-            train(cfg)
+            train(cfg, on_hang=lambda reason: self._requeue_after_hang(reason, run_dir, job_id, restart))
         except Preempted as stop:
             if env.rank == 0:
                 record(run_dir, "stopped", job_id=job_id, signal=signal.Signals(stop.signum).name,
@@ -110,19 +110,38 @@ class TrainJob(submitit.helpers.Checkpointable):
             record(run_dir, "finished", job_id=job_id, step=cfg.train.steps)
         return str(run_dir)
 
-    def _retry_or_raise(self, error: Exception, run_dir: Path, job_id: str, restart: int) -> None:
-        """Requeue after a crash, at most `max_retries` times per job. The first rank to fail in an
-        attempt claims it (an exclusively created file), so the attempt is counted and requeued once;
-        the others exit quietly."""
+    @staticmethod
+    def _claim(run_dir: Path, job_id: str, restart: int, details: str) -> int | None:
+        """The first rank to fail in an attempt claims it (an exclusively created file), so the
+        attempt is counted and requeued once: returns the job's failed attempts so far, or None
+        when another rank has claimed this one."""
         failures = run_dir / "launch" / "failures"
         failures.mkdir(parents=True, exist_ok=True)
-        reason = "".join(traceback.format_exception_only(error)).strip()
         try:
             with open(failures / f"{job_id}-{restart}.txt", "x") as f:
-                f.write(traceback.format_exc())
+                f.write(details)
         except FileExistsError:
+            return None
+        return len(list(failures.glob(f"{job_id}-*.txt")))
+
+    def _requeue_after_hang(self, reason: str, run_dir: Path, job_id: str, restart: int) -> None:
+        """The watchdog's call (from its thread, before the process exits): record the hang and
+        requeue, within the same `max_retries` as crashes."""
+        used = self._claim(run_dir, job_id, restart, reason)
+        if used is None:
+            return
+        requeue = used <= self.max_retries
+        record(run_dir, "hung", job_id=job_id, reason=reason, retries=used, requeued=requeue)
+        if requeue:
+            subprocess.run(["scontrol", "requeue", job_id], timeout=60)
+
+    def _retry_or_raise(self, error: Exception, run_dir: Path, job_id: str, restart: int) -> None:
+        """Requeue after a crash, at most `max_retries` times per job (once per attempt, by the
+        rank that claims it; the others exit quietly)."""
+        reason = "".join(traceback.format_exception_only(error)).strip()
+        used = self._claim(run_dir, job_id, restart, traceback.format_exc())
+        if used is None:
             sys.exit(1)  # another rank already handles this attempt
-        used = len(list(failures.glob(f"{job_id}-*.txt")))
         if used > self.max_retries:
             record(run_dir, "failed", job_id=job_id, reason=reason, retries=used - 1, requeued=False)
             log.error("giving up after %d retries: %s", used - 1, reason)
@@ -214,7 +233,12 @@ def slurm_executor(
         exclude=args.exclude,
         additional_parameters={"requeue": True, "open-mode": "append"},
         setup=[
-            f"export {name}={value}" for name, value in network_environment(args.network_interface).items()
+            # srun does not inherit --cpus-per-task from the allocation since Slurm 22.05
+            'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi',
+            *(
+                f"export {name}={value}"
+                for name, value in network_environment(args.network_interface).items()
+            ),
         ],
     )
     return executor
@@ -331,7 +355,7 @@ def run_status(run_dir: Path) -> dict:
         "local": local[-1] if local else None,
         "state": job_state(job_id) if job_id and shutil.which("scontrol") else None,
         "starts": sum(e["event"] == "start" for e in ours),
-        "failures": [e["reason"] for e in ours if e["event"] == "failed"],
+        "failures": [e["reason"] for e in ours if e["event"] in ("failed", "hung")],
         "checkpoint": {"path": str(done[-1]), "step": checkpoint_step(done[-1])} if done else None,
         "last_logged": {k: last[k] for k in ("step", "loss") if k in last} if last else None,
     }

@@ -7,6 +7,7 @@ and initialisation that equals single-process initialisation with the same seed 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,10 +43,12 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device_name: str) -> DistEnv:
+def init_distributed(device_name: str, timeout_minutes: float = 30.0) -> DistEnv:
     """Join the process group described by the environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT as torchrun and submitit's TorchDistributedEnvironment export them). Without
-    WORLD_SIZE this is a single process and no group is created. NCCL on GPUs, gloo on CPUs."""
+    WORLD_SIZE this is a single process and no group is created. NCCL on GPUs, gloo on CPUs; a
+    collective that waits longer than `timeout_minutes` fails instead of waiting forever (it must
+    cover what some ranks do while the others wait: a rank-0 model build, a checkpoint read)."""
     cuda = torch.cuda.is_available() if device_name == "auto" else device_name == "cuda"
     if device_name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
@@ -59,7 +62,11 @@ def init_distributed(device_name: str) -> DistEnv:
     if cuda:
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            device_id=device if cuda else None,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistEnv(rank, world_size, local_rank, device)
 

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 from lejepa_scale.build import build_model
-from lejepa_scale.checkpoint import CheckpointError, load_model_weights, read_meta, resolve_checkpoint
+from lejepa_scale.checkpoint import load_model_weights, read_meta, resolve_checkpoint
 from lejepa_scale.config import Config, from_yaml
 from lejepa_scale.model import LeJEPAModel
+from lejepa_scale.safe_loading import CheckpointError
 
 
 def load_run(checkpoint: str | Path, random_init: bool = False) -> tuple[LeJEPAModel, Config, Path]:

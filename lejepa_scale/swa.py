@@ -18,8 +18,8 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from lejepa_scale.checkpoint import ModelState
 from lejepa_scale.model import LeJEPAModel
+from lejepa_scale.states import ModelState
 
 
 def _local(tensors) -> list[torch.Tensor]:

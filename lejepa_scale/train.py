@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,14 +39,12 @@ from lejepa_scale.build import (
 )
 from lejepa_scale.checkpoint import (
     Checkpointer,
-    ModelState,
-    OptimizerState,
     complete_checkpoints,
     load_model_weights,
     read_meta,
     resolve_checkpoint,
 )
-from lejepa_scale.collectives import any_rank
+from lejepa_scale.collectives import any_rank, from_rank0
 from lejepa_scale.config import Config, ConfigError, from_yaml, load_config, to_yaml
 from lejepa_scale.metrics import MetricsLogger, configure_logging
 from lejepa_scale.model import LeJEPAModel
@@ -60,7 +59,9 @@ from lejepa_scale.plan import step_flops
 from lejepa_scale.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 from lejepa_scale.profiling import step_profiler
 from lejepa_scale.rng import RandomState
+from lejepa_scale.states import ModelState, OptimizerState
 from lejepa_scale.step import train_step
+from lejepa_scale.watchdog import HangWatchdog
 
 log = logging.getLogger("lejepa_scale.train")
 
@@ -124,9 +125,22 @@ def resume(cfg: Config, env: DistEnv, checkpointer: Checkpointer, model, loader,
     return int(checkpointer.load(source)["step"])
 
 
+def check_cpus(cfg: Config, env: DistEnv) -> None:
+    """The CPUs this process may run on (SLURM binds tasks; since Slurm 22.05 srun does not inherit
+    --cpus-per-task): logged, and a warning when the loader's workers and the trainer must share."""
+    cpus = len(os.sched_getaffinity(0))
+    needed = cfg.data.num_workers + 1 if cfg.data.source == "shards" else 1
+    if env.is_main:
+        log.info("CPUs available to each process: %d (rank 0)", cpus)
+    if cpus < needed:
+        log.warning("rank %d may run on %d CPU(s), but data.num_workers=%d loader workers and the trainer "
+                    "need %d: ask SLURM for --cpus-per-task %d (srun must get it too), or lower "
+                    "data.num_workers", env.rank, cpus, cfg.data.num_workers, needed, needed)  # fmt: skip
+
+
 def stop_if_diverging(streak: float, cfg: Config, step: int, checkpointer: Checkpointer) -> None:
     """Stop after `train.max_nonfinite_steps` skipped updates in a row (read on logging steps)."""
-    if streak >= cfg.train.max_nonfinite_steps:
+    if streak >= cfg.train.max_nonfinite_steps:  # the streak is averaged over ranks: all stop here
         checkpointer.finish()
         raise FloatingPointError(
             f"the gradient was NaN/Inf for {streak:.0f} consecutive steps (last: step {step}); their updates "
@@ -152,15 +166,17 @@ def agree(step: int, preemption: PreemptionFlag, checkpointer: Checkpointer, log
     return overdue
 
 
-def train(cfg: Config) -> LeJEPAModel:
-    env = init_distributed(cfg.train.device)
+def train(cfg: Config, on_hang: Callable[[str], None] | None = None) -> LeJEPAModel:
+    """Pretrain as `cfg` says, resuming the run if it has a checkpoint. `on_hang(reason)` runs when
+    the watchdog finds no step completed for `train.hang_timeout` s (the launcher requeues there)."""
+    env = init_distributed(cfg.train.device, cfg.parallel.timeout)
     run_dir = Path(cfg.run.dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
-    resuming = cfg.checkpoint.enabled and bool(complete_checkpoints(run_dir / "checkpoints"))
+    resuming = from_rank0(cfg.checkpoint.enabled and bool(complete_checkpoints(run_dir / "checkpoints")))
     t_build, initialize = time.perf_counter(), not (resuming or cfg.checkpoint.load_from)
     model = build_parallel_model(cfg, env, initialize=initialize)
     t_build = time.perf_counter() - t_build
@@ -186,6 +202,7 @@ def train(cfg: Config) -> LeJEPAModel:
         }
         if interfaces:
             log.info("network interface: %s", ", ".join(f"{k}={v}" for k, v in interfaces.items()))
+    check_cpus(cfg, env)
 
     state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer), "schedule": scheduler}
     state |= {name: part for name, part in (("probe", probe), ("swa", swa)) if part is not None}
@@ -210,6 +227,7 @@ def train(cfg: Config) -> LeJEPAModel:
     if env.is_main:
         log.info("training from step %d", start_step)
     batches = iter(loader)
+    watchdog = HangWatchdog(cfg.train.hang_timeout, on_hang)
     skipped = streak = torch.zeros((), device=env.device)  # skipped updates: in all, and in a row
     model.train()
     with step_profiler(cfg.profile, run_dir, env.rank, start_step) as profiler:
@@ -251,7 +269,9 @@ def train(cfg: Config) -> LeJEPAModel:
                 checkpointer.save(step + 1)  # the time rule
             if cfg.train.sync_debug:  # the staging thread's syncs happen here, not inside a checked step
                 checkpointer.wait_for_staging()
+            watchdog.beat(step)
     checkpointer.save(cfg.train.steps, blocking=True)
+    watchdog.close()
     logger.close()
     if cfg.checkpoint.enabled:
         weights = full_state_dict(model)
@@ -262,13 +282,13 @@ def train(cfg: Config) -> LeJEPAModel:
 
 def finished(cfg: Config, env: DistEnv, model: LeJEPAModel, run_dir: Path, checkpointer: Checkpointer):
     """A rerun of a complete run: say so and where its outputs are (model.pt is written if missing)."""
-    weights = full_state_dict(model)  # a collective: every rank takes part
+    weights, latest = full_state_dict(model), checkpointer.latest()  # collectives: every rank takes part
     if env.is_main:
         if not (run_dir / "model.pt").exists():
             torch.save(weights, run_dir / "model.pt")
         log.info("%s is complete (step %d of %d), nothing to train: final weights %s, checkpoint %s, "
                  "metrics %s; raise train.steps to train further", run_dir, cfg.train.steps,
-                 cfg.train.steps, run_dir / "model.pt", checkpointer.latest(),
+                 cfg.train.steps, run_dir / "model.pt", latest,
                  run_dir / "metrics.jsonl")  # fmt: skip
     return model
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lejepa_scale.checkpoint import CheckpointError, load_tensors
 from lejepa_scale.preemption import EXIT_PREEMPTED
+from lejepa_scale.safe_loading import CheckpointError, load_tensors
 from tests.distributed import run_ranks
 from tests.helpers import ENV, ROOT, TINY, TINY_VIT, losses, run_train, train_command, weights
 
@@ -260,9 +260,11 @@ def hsdp_save_and_restart_worker(rank, world_size, folder):
         build_parallel_model,
         build_scheduler,
     )
-    from lejepa_scale.checkpoint import ModelState, OptimizerState, SafeReader, replica_share
     from lejepa_scale.config import load_config
     from lejepa_scale.parallel import full_state_dict, init_distributed
+    from lejepa_scale.replicas import replica_share
+    from lejepa_scale.safe_loading import SafeReader
+    from lejepa_scale.states import ModelState, OptimizerState
 
     overrides = [f"run.dir={folder}", TINY_VIT, "parallel.dp_replicate=2", "train.precision=fp32",
                  "loss.num_slices=64"]  # fmt: skip

@@ -15,9 +15,9 @@ from torch.utils.data._utils.pin_memory import pin_memory
 from data_pipeline.in_memory import InMemoryViews
 from data_pipeline.views import CropSpec, ViewBatch
 from lejepa_scale.build import check_model
-from lejepa_scale.checkpoint import on_device
 from lejepa_scale.config import ConfigError, load_config
 from lejepa_scale.parallel import cuda_index
+from lejepa_scale.replicas import on_device
 from tests.distributed import run_ranks
 from tests.helpers import DEMO, ENV, ROOT, TINY, run_train, weights
 
@@ -141,3 +141,62 @@ def test_the_gpu_acceptance_command_passes_its_cpu_smoke_run():
         if line.startswith("| ") and not line.startswith("| check |")
     ]
     assert len(rows) == 9 and all("| pass |" in row for row in rows), rows
+
+
+def mesh_worker(rank, world_size):
+    from lejepa_scale.build import build_checkpointer, build_mesh, build_parallel_model, build_swa
+    from lejepa_scale.parallel import init_distributed
+
+    overrides = [*TINY, "parallel.dp_replicate=2", "model.swa_target=true", "checkpoint.enabled=false"]
+    cfg = load_config(DEMO, ["run.dir=/tmp/unused", *overrides])
+    env = init_distributed("cpu")
+    model = build_parallel_model(cfg, env)
+    swa = build_swa(cfg, env, model)
+    mesh = build_mesh(env, 2)
+    checkpointer = build_checkpointer(cfg, env, {}, {}, {})
+    meshes = {p.device_mesh for p in (*model.parameters(), *swa.average.parameters())}
+    return meshes == {mesh}, checkpointer.replicate_group is mesh.get_group("dp_replicate")
+
+
+def test_the_swa_copy_and_the_checkpointer_reuse_the_training_mesh():
+    """Each extra NCCL communicator holds GPU memory: the SWA average is sharded on the training
+    mesh, and HSDP checkpoints share over the mesh's replicate group, not groups of their own."""
+    for one_mesh, shared_group in run_ranks(mesh_worker, 2):
+        assert one_mesh and shared_group
+
+
+def test_sync_debug_covers_the_step_and_leaves_the_planned_syncs_out(tmp_path, monkeypatch):
+    """With train.sync_debug the error mode is on around the step proper only: logging, control
+    steps and saves (planned host syncs) run outside it. Recorded on CPU, where the mode is a no-op."""
+    from contextlib import contextmanager
+
+    from lejepa_scale import train as trainer
+    from lejepa_scale.checkpoint import Checkpointer
+    from lejepa_scale.metrics import MetricsLogger
+
+    regions, inside, planned = [], [False], []
+
+    @contextmanager
+    def recorded(enabled, device):
+        regions.append(enabled)
+        inside[0] = enabled
+        yield
+        inside[0] = False
+
+    def outside(name, original):
+        def call(*args, **kwargs):
+            planned.append((name, inside[0]))
+            return original(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(trainer, "host_syncs_fail", recorded)
+    monkeypatch.setattr(trainer, "any_rank", outside("control", trainer.any_rank))
+    monkeypatch.setattr(Checkpointer, "save", outside("save", Checkpointer.save))
+    monkeypatch.setattr(MetricsLogger, "log_step", outside("log", MetricsLogger.log_step))
+    schedule = ["train.steps=6", "train.log_every=3", "checkpoint.every_steps=2", "train.control_every=4"]
+    cfg = load_config(DEMO, [f"run.dir={tmp_path}", *TINY, *schedule, "train.sync_debug=true"])
+    trainer.train(cfg)
+    assert regions == [False, True, True, False, True, False]  # steps 0, 3 and 5 (the last) log
+    assert {name for name, _ in planned} == {"control", "save", "log"}
+    assert not any(was_inside for _, was_inside in planned)

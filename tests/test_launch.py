@@ -159,6 +159,8 @@ def test_two_task_job_trains_to_the_end(uninterrupted):
     assert status["checkpoint"]["step"] == STEPS
     assert status["last_logged"]["step"] == STEPS - 1
     assert "COMPLETED" in launch("status", run_dir).stdout
+    logs = "".join(p.read_text(errors="replace") for p in (run_dir / "slurm").glob("*.err"))
+    assert re.search(r"CPUs available to each process: \d+ \(rank 0\)", logs)  # what the task was given
 
 
 def test_usr2_preemption_checkpoints_requeues_and_resumes(uninterrupted, tmp_path):
@@ -208,6 +210,22 @@ def test_a_crashed_rank_is_retried_and_the_job_resumes(uninterrupted, tmp_path):
     assert failure["reason"] in launch("status", tmp_path).stdout
 
 
+def test_a_hang_is_detected_logged_requeued_and_resumed(uninterrupted, tmp_path):
+    """A frozen task (SIGSTOP: alive, silent) blocks the other in a collective; its watchdog logs
+    the step and the collective, records the hang and requeues the job, which resumes exactly."""
+    job_id = submit(tmp_path, "--max-retries", "1", "train.hang_timeout=8")
+    wait_for(lambda: (tmp_path / "checkpoints" / "step-00000030").is_dir(), what="checkpoint 30")
+    os.kill(task_pid(job_id, 1), signal.SIGSTOP)
+    state, logs = wait_until_done(job_id, tmp_path)
+    assert state == "COMPLETED", logs[-3000:]
+    (hang,) = events(tmp_path, "hung")
+    assert hang["requeued"] and "no training step completed" in hang["reason"]
+    assert "waits in torch.distributed." in hang["reason"] and "last completed step:" in hang["reason"]
+    assert events(tmp_path, "start")[1]["resume_step"] >= 30
+    assert_same_training(tmp_path, uninterrupted[0])
+    assert "no training step completed" in launch("status", tmp_path).stdout
+
+
 def test_retries_are_bounded(slurm, tmp_path):
     job_id = submit(tmp_path, "--max-retries", "0")
     wait_for(lambda: len(logged_steps(tmp_path)) > 5, what="step 5")
@@ -255,6 +273,7 @@ def test_dry_run_for_16_nodes_prints_the_sbatch_script_without_slurm(tmp_path):
     lines = {line.replace("'", "") for line in out.splitlines() if line.startswith("#SBATCH")}
     assert {f"#SBATCH {e}" for e in expected} <= lines
     assert "srun" in out and "submitit.core._submit" in out
+    assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in out  # srun no longer inherits it (22.05)
     assert not (tmp_path / "run").exists()
 
 

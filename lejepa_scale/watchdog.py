@@ -1,0 +1,75 @@
+"""A trainer that stops making progress says where it is stuck and exits, instead of holding every
+node until the job's time limit: a peer froze or died mid-collective, a link is down and gloo waits,
+a data worker deadlocked. Host-side only (a thread and a clock): no device sync per step."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXIT_HUNG = 4  # no step completed for train.hang_timeout seconds: requeue and resume
+PACKAGES = ("lejepa_scale", "data_pipeline")
+
+
+class HangWatchdog:
+    """Call `beat(step)` after every completed step. When none comes for `timeout` seconds, the
+    watchdog logs the last completed step and where the main thread waits (the collective in
+    flight, if any), runs `on_hang` (e.g. ask SLURM for a requeue) and exits with EXIT_HUNG.
+    `timeout` <= 0 turns it off."""
+
+    def __init__(self, timeout: float, on_hang: Callable[[str], None] | None = None):
+        self.timeout, self.on_hang = timeout, on_hang
+        self.step: int | None = None
+        self.last = time.monotonic()
+        self._main = threading.main_thread().ident
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
+        if timeout > 0:
+            self._thread.start()
+
+    def beat(self, step: int) -> None:
+        self.step, self.last = step, time.monotonic()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(5.0, self.timeout / 4)):
+            if time.monotonic() - self.last > self.timeout:
+                self._hung()
+
+    def _hung(self) -> None:
+        frames = traceback.extract_stack(sys._current_frames()[self._main])
+        where = waiting_in(frames)
+        reason = (
+            f"no training step completed for {time.monotonic() - self.last:.0f} s (train.hang_timeout="
+            f"{self.timeout:g}); last completed step: {self.step}; the main thread waits in {where}"
+        )
+        log.error("%s\n%s", reason, "".join(traceback.format_list(frames[-8:])).rstrip())
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        try:
+            if self.on_hang is not None:
+                self.on_hang(reason)
+        finally:
+            os._exit(EXIT_HUNG)
+
+
+def waiting_in(frames: traceback.StackSummary) -> str:
+    """The collective in flight (the innermost torch.distributed call on the stack) and the project
+    line that issued it; else the innermost project line."""
+    ours = [f for f in frames if any(f"{os.sep}{pkg}{os.sep}" in f.filename for pkg in PACKAGES)]
+    path = Path(ours[-1].filename) if ours else None
+    caller = f"{path.parent.name}/{path.name}:{ours[-1].lineno}" if ours else "?"
+    collectives = [f for f in frames if f.filename.endswith("distributed_c10d.py")]
+    if collectives:
+        return f"torch.distributed.{collectives[-1].name} (called from {caller})"
+    return caller
