@@ -227,10 +227,12 @@ def train(cfg: Config, on_hang: Callable[[str], None] | None = None) -> LeJEPAMo
     if env.is_main:
         log.info("training from step %d", start_step)
     batches = iter(loader)
-    watchdog = HangWatchdog(cfg.train.hang_timeout, on_hang)
     skipped = streak = torch.zeros((), device=env.device)  # skipped updates: in all, and in a row
     model.train()
-    with step_profiler(cfg.profile, run_dir, env.rank, start_step) as profiler:
+    with (
+        step_profiler(cfg.profile, run_dir, env.rank, start_step) as profiler,
+        HangWatchdog(cfg.train.hang_timeout, on_hang) as watchdog,
+    ):
         for step in range(start_step, cfg.train.steps):
             last, health = step == cfg.train.steps - 1, step % cfg.log.health_every == 0
             logged = health or step % cfg.train.log_every == 0 or last
@@ -271,7 +273,6 @@ def train(cfg: Config, on_hang: Callable[[str], None] | None = None) -> LeJEPAMo
                 checkpointer.wait_for_staging()
             watchdog.beat(step)
     checkpointer.save(cfg.train.steps, blocking=True)
-    watchdog.close()
     logger.close()
     if cfg.checkpoint.enabled:
         weights = full_state_dict(model)

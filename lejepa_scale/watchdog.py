@@ -20,16 +20,16 @@ PACKAGES = ("lejepa_scale", "data_pipeline")
 
 
 class HangWatchdog:
-    """Call `beat(step)` after every completed step. When none comes for `timeout` seconds, the
-    watchdog logs the last completed step and where the main thread waits (the collective in
-    flight, if any), runs `on_hang` (e.g. ask SLURM for a requeue) and exits with EXIT_HUNG.
-    `timeout` <= 0 turns it off."""
+    """A context around the loop: call `beat(step)` after every completed step. When none comes for
+    `timeout` seconds, the watchdog logs the last completed step and where the main thread waits
+    (the collective in flight, if any), runs `on_hang` (e.g. ask SLURM for a requeue) and exits
+    with EXIT_HUNG. `timeout` <= 0 turns it off."""
 
     def __init__(self, timeout: float, on_hang: Callable[[str], None] | None = None):
         self.timeout, self.on_hang = timeout, on_hang
         self.step: int | None = None
         self.last = time.monotonic()
-        self._main = threading.main_thread().ident
+        self._loop = threading.get_ident()  # the thread that runs the training loop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
         if timeout > 0:
@@ -38,7 +38,10 @@ class HangWatchdog:
     def beat(self, step: int) -> None:
         self.step, self.last = step, time.monotonic()
 
-    def close(self) -> None:
+    def __enter__(self) -> HangWatchdog:
+        return self
+
+    def __exit__(self, *exc) -> None:
         self._stop.set()
 
     def _watch(self) -> None:
@@ -47,11 +50,11 @@ class HangWatchdog:
                 self._hung()
 
     def _hung(self) -> None:
-        frames = traceback.extract_stack(sys._current_frames()[self._main])
+        frames = traceback.extract_stack(sys._current_frames()[self._loop])
         where = waiting_in(frames)
         reason = (
             f"no training step completed for {time.monotonic() - self.last:.0f} s (train.hang_timeout="
-            f"{self.timeout:g}); last completed step: {self.step}; the main thread waits in {where}"
+            f"{self.timeout:g}); last completed step: {self.step}; the training loop waits in {where}"
         )
         log.error("%s\n%s", reason, "".join(traceback.format_list(frames[-8:])).rstrip())
         for handler in logging.getLogger().handlers:

@@ -123,8 +123,8 @@ def test_verify_catches_a_flipped_byte(tmp_path):
 
 
 def test_killed_conversion_reruns_to_identical_shards(tmp_path):
-    make_class_tree(tmp_path / "src", classes=3, per_class=20, seed=3)
-    args = ["folder", "--src", str(tmp_path / "src"), "--workers", "1", "--shard-size", "4"]
+    make_class_tree(tmp_path / "src", classes=3, per_class=40, seed=3)  # 60 shards: time to kill it midway
+    args = ["folder", "--src", str(tmp_path / "src"), "--workers", "1", "--shard-size", "2"]
     convert.main([*args, "--out", str(tmp_path / "clean")])
     cmd = [sys.executable, "-m", "data_pipeline.convert", *args, "--out", str(tmp_path / "killed")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
@@ -135,7 +135,7 @@ def test_killed_conversion_reruns_to_identical_shards(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = len(list((tmp_path / "killed").glob("data-*.json")))
-    assert 0 < finished < 15 and not (tmp_path / "killed" / "manifest-data.json").exists()
+    assert 0 < finished < 60 and not (tmp_path / "killed" / "manifest-data.json").exists()
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     assert not list((tmp_path / "killed").glob("*.tmp"))
     assert shard_bytes(tmp_path / "killed") == shard_bytes(tmp_path / "clean")

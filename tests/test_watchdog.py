@@ -59,7 +59,7 @@ def test_a_frozen_peer_is_named_and_the_run_resumes_exactly(tmp_path):
     assert proc.returncode != 0
     line = next(line for line in stderr.splitlines() if "no training step completed" in line)
     assert "train.hang_timeout=6" in line and "last completed step:" in line
-    assert "the main thread waits in torch.distributed." in line and "(called from lejepa_scale/" in line
+    assert "the training loop waits in torch.distributed." in line and "(called from lejepa_scale/" in line
     assert f"exitcode  : {EXIT_HUNG}" in stderr  # torchrun's summary of rank 0
     assert waited < 60  # detected within the timeout plus the watchdog's polling, not by SLURM
 
