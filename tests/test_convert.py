@@ -123,8 +123,10 @@ def test_verify_catches_a_flipped_byte(tmp_path):
 
 
 def test_killed_conversion_reruns_to_identical_shards(tmp_path):
-    make_class_tree(tmp_path / "src", classes=3, per_class=40, seed=3)  # 60 shards: time to kill it midway
+    make_class_tree(tmp_path / "src", classes=3, per_class=40, seed=3)
+    # 60 shards, every image re-encoded smaller: the conversion takes long enough to be killed midway
     args = ["folder", "--src", str(tmp_path / "src"), "--workers", "1", "--shard-size", "2"]
+    args += ["--max-side", "32"]
     convert.main([*args, "--out", str(tmp_path / "clean")])
     cmd = [sys.executable, "-m", "data_pipeline.convert", *args, "--out", str(tmp_path / "killed")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
