@@ -70,8 +70,8 @@ def extract(encode, batches, mean: tuple[float, ...], std: tuple[float, ...], de
     the device (what NCCL sends), padded to the largest share, then moved to the host on rank 0."""
     feats, labels = [], []
     for images, y in batches:
-        feats.append(encode(normalize(images.to(device, non_blocking=True), mean, std)).float())
-        labels.append(y.to(device, non_blocking=True))
+        feats.append(encode(normalize(images.to(device), mean, std)).float())  # pageable: a plain copy
+        labels.append(y.to(device))
     if not dist.is_initialized():
         return torch.cat(feats).cpu(), torch.cat(labels).cpu()
     shape = torch.tensor([sum(len(y) for y in labels), feats[0].shape[1] if feats else 0], device=device)
