@@ -36,26 +36,8 @@ SlurmctldPidFile=${run}/slurmctld.pid
 SlurmdPidFile=${run}/slurmd.pid
 SlurmctldLogFile=${logs}/slurmctld.log
 SlurmdLogFile=${logs}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-JobRequeue=1
-PreemptType=preempt/partition_prio
-PreemptMode=REQUEUE
-SchedulerParameters=bf_interval=1,sched_interval=2
-SlurmctldParameters=preempt_send_user_signal
-ReturnToService=2
+$(test_cluster_settings)
 SlurmdTimeout=300
-InactiveLimit=0
-KillWait=10
-MinJobAge=600
 NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN
 PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30
 PartitionName=high Nodes=${host} Default=NO MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF

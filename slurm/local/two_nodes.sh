@@ -49,26 +49,8 @@ SlurmctldPidFile=$TWO/run/slurmctld.pid
 SlurmdPidFile=$TWO/run/slurmd-%n.pid
 SlurmctldLogFile=$TWO/log/slurmctld.log
 SlurmdLogFile=$TWO/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-MailProg=/bin/true
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-JobRequeue=1
-PreemptType=preempt/partition_prio
-PreemptMode=REQUEUE
-SchedulerParameters=bf_interval=1,sched_interval=2
-SlurmctldParameters=preempt_send_user_signal
-ReturnToService=2
+$(test_cluster_settings)
 SlurmdTimeout=20
-InactiveLimit=0
-KillWait=10
-MinJobAge=600
 NodeName=lj1 NodeAddr=${ADDR[lj1]} CPUs=$cpus RealMemory=4000 State=UNKNOWN
 NodeName=lj2 NodeAddr=${ADDR[lj2]} CPUs=$cpus RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=lj[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30
