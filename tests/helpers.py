@@ -18,6 +18,12 @@ TINY_VIT = "model.backbone_kwargs={patch_size: 4, embed_dim: 64, depth: 2, num_h
 TINY = ["train.batch_size=16", "loss.num_slices=64", TINY_VIT]  # a few seconds per step on one core
 
 
+def tiny_job(steps: int) -> list[str]:
+    """The tiny ViT as a launched job: every step logged, a checkpoint every 10 steps, one thread."""
+    logging = ["train.log_every=1", "checkpoint.every_steps=10"]
+    return [*TINY, f"train.steps={steps}", *logging, "optim.warmup_steps=2", "train.threads=1"]
+
+
 def train_command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
     """`python -m lejepa_scale.train --config configs/demo_cpu_vit.yaml run.dir=... OVERRIDES`, under
     torchrun with `nproc` gloo ranks when nproc > 1."""

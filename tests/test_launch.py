@@ -17,19 +17,10 @@ import pytest
 import torch
 
 from lejepa_scale.launch import main, parse_time
-from tests.helpers import DEMO, ENV, ROOT, TINY_VIT, losses
+from tests.helpers import DEMO, ENV, ROOT, losses, tiny_job
 
 STEPS = 80
-TINY = [
-    f"train.steps={STEPS}",
-    "train.batch_size=16",
-    "train.log_every=1",
-    "train.threads=1",
-    "checkpoint.every_steps=10",
-    "loss.num_slices=64",
-    "optim.warmup_steps=2",
-    TINY_VIT,
-]
+TINY = tiny_job(STEPS)
 CPU_JOB = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "60"]
 
 

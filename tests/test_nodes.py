@@ -14,21 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import DEMO, ENV, ROOT, TINY_VIT, losses, weights
+from tests.helpers import DEMO, ENV, ROOT, losses, tiny_job, weights
 
 CLUSTER = ["bash", str(ROOT / "slurm/local/two_nodes.sh")]
 STEPS = 40
-TRAINING = [
-    "parallel.dp_replicate=2",
-    f"train.steps={STEPS}",
-    "train.batch_size=16",
-    "train.log_every=1",
-    "train.threads=1",
-    "checkpoint.every_steps=10",
-    "loss.num_slices=64",
-    TINY_VIT,
-    "log.wandb=disabled",
-]
+TRAINING = [*tiny_job(STEPS), "parallel.dp_replicate=2", "log.wandb=disabled"]
 
 
 def cluster(*args: str, env: dict | None = None) -> str:
