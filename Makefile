@@ -24,8 +24,9 @@ data:
 demo: env data
 	$(PY) -m lejepa_scale.demo
 
+# Two workers: the two-node SLURM fault tests (mostly waiting on SLURM) beside the rest (tests/conftest.py)
 test: env data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint: env
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

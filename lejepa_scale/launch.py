@@ -17,12 +17,12 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -36,25 +36,11 @@ from lejepa_scale.checkpoint import checkpoint_step, complete_checkpoints, resol
 from lejepa_scale.config import Config, ConfigError, from_yaml, load_config, to_yaml
 from lejepa_scale.metrics import configure_logging
 from lejepa_scale.preemption import EXIT_PREEMPTED, Preempted
+from lejepa_scale.slurm_job import CRASH, Attempt, Limits, lost_peer, read_events, record, scontrol
 
 log = logging.getLogger("lejepa_scale.launch")
 
-EVENTS = "launch.jsonl"
-
-
 # -- what happened to a run, in its run dir ----------------------------------------------------------
-
-
-def record(run_dir: Path, event: str, **fields) -> None:
-    """Append one event to `<run_dir>/launch.jsonl` (single small appends: safe from several ranks)."""
-    line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n"
-    with open(Path(run_dir) / EVENTS, "a") as f:
-        f.write(line)
-
-
-def read_events(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / EVENTS
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def newest_step(run_dir: Path) -> int:
@@ -74,9 +60,9 @@ class TrainJob(submitit.helpers.Checkpointable):
     trainer took the signal over) re-pickles the job through `checkpoint()` and requeues it. Nothing
     needs to travel in the pickle: the resumed job reads the newest complete checkpoint."""
 
-    def __init__(self, config_yaml: str, max_retries: int):
+    def __init__(self, config_yaml: str, limits: Limits):
         self.config_yaml = config_yaml
-        self.max_retries = max_retries
+        self.limits = limits
 
     def __call__(self) -> str:
         from lejepa_scale.train import train  # the heavy imports happen in the job, not at submission
@@ -84,72 +70,44 @@ class TrainJob(submitit.helpers.Checkpointable):
         configure_logging()
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         cfg = from_yaml(self.config_yaml)
-        run_dir = Path(cfg.run.dir)
-        job_id = submitit.JobEnvironment().job_id
-        restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        attempt = Attempt.from_env(Path(cfg.run.dir), submitit.JobEnvironment().job_id)
         if env.rank == 0:
-            record(run_dir, "start", job_id=job_id, restart=restart, world_size=env.world_size,
-                   resume_step=newest_step(run_dir),
-                   network_interface=os.environ.get("GLOO_SOCKET_IFNAME"))  # fmt: skip
+            attempt.begin(world_size=env.world_size, resume_step=newest_step(attempt.run_dir),
+                          nodes=os.environ.get("SLURM_JOB_NODELIST"),
+                          network_interface=os.environ.get("GLOO_SOCKET_IFNAME"))  # fmt: skip
+        if attempt.node_failures() > self.limits.node_failures:
+            give_up(attempt, self.limits)
         requeue = signal.getsignal(submitit.JobEnvironment._usr_sig())  # submitit's checkpoint + requeue
         try:
-            train(cfg, on_hang=lambda reason: self._requeue_after_hang(reason, run_dir, job_id, restart))
+            train(cfg, on_hang=lambda reason: attempt.failed(reason, False, self.limits, event="hung"))
         except Preempted as stop:
             if env.rank == 0:
-                record(run_dir, "stopped", job_id=job_id, signal=signal.Signals(stop.signum).name,
-                       step=newest_step(run_dir))  # fmt: skip
+                attempt.record(
+                    "stopped", signal=signal.Signals(stop.signum).name, step=newest_step(attempt.run_dir)
+                )
             if stop.signum == submitit.JobEnvironment._usr_sig() and callable(requeue):
                 requeue(stop.signum, None)  # rank 0 requeues and exits; the others return here
             sys.exit(EXIT_PREEMPTED)  # SIGTERM: scancel or an external requeue; SLURM decides what's next
         except Exception as error:
-            self._retry_or_raise(error, run_dir, job_id, restart)
+            reason = "".join(traceback.format_exception_only(error)).strip()
+            log.error("rank %d: %s", env.rank, traceback.format_exc())
+            attempt.failed(reason, lost_peer(error), self.limits)
+            sys.exit(1)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
         if env.rank == 0:
-            record(run_dir, "finished", job_id=job_id, step=cfg.train.steps)
-        return str(run_dir)
+            attempt.record("finished", step=cfg.train.steps)
+        return str(attempt.run_dir)
 
-    @staticmethod
-    def _claim(run_dir: Path, job_id: str, restart: int, details: str) -> int | None:
-        """The first rank to fail in an attempt claims it (an exclusively created file), so the
-        attempt is counted and requeued once: returns the job's failed attempts so far, or None
-        when another rank has claimed this one."""
-        failures = run_dir / "launch" / "failures"
-        failures.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(failures / f"{job_id}-{restart}.txt", "x") as f:
-                f.write(details)
-        except FileExistsError:
-            return None
-        return len(list(failures.glob(f"{job_id}-*.txt")))
 
-    def _requeue_after_hang(self, reason: str, run_dir: Path, job_id: str, restart: int) -> None:
-        """The watchdog's call (from its thread, before the process exits): record the hang and
-        requeue, within the same `max_retries` as crashes."""
-        used = self._claim(run_dir, job_id, restart, reason)
-        if used is None:
-            return
-        requeue = used <= self.max_retries
-        record(run_dir, "hung", job_id=job_id, reason=reason, retries=used, requeued=requeue)
-        if requeue:
-            subprocess.run(["scontrol", "requeue", job_id], timeout=60)
-
-    def _retry_or_raise(self, error: Exception, run_dir: Path, job_id: str, restart: int) -> None:
-        """Requeue after a crash, at most `max_retries` times per job (once per attempt, by the
-        rank that claims it; the others exit quietly)."""
-        reason = "".join(traceback.format_exception_only(error)).strip()
-        used = self._claim(run_dir, job_id, restart, traceback.format_exc())
-        if used is None:
-            sys.exit(1)  # another rank already handles this attempt
-        if used > self.max_retries:
-            record(run_dir, "failed", job_id=job_id, reason=reason, retries=used - 1, requeued=False)
-            log.error("giving up after %d retries: %s", used - 1, reason)
-            raise error
-        record(run_dir, "failed", job_id=job_id, reason=reason, retries=used, requeued=True)
-        log.error("retry %d/%d after: %s", used, self.max_retries, reason)
-        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-        sys.exit(1)
+def give_up(attempt: Attempt, limits: Limits) -> None:
+    """More node failures than --max-node-failures: stop, and say so (SLURM requeues a job after a
+    node failure by itself, so the limit is enforced when the job starts again)."""
+    reason = f"{attempt.node_failures()} node failures, more than --max-node-failures {limits.node_failures}"
+    if attempt.claim(CRASH, reason) is not None:
+        attempt.record("failed", reason=reason, requeued=False)
+    sys.exit(1)
 
 
 # -- submission --------------------------------------------------------------------------------------
@@ -201,8 +159,19 @@ def missing_inputs(cfg: Config) -> list[str]:
     return problems
 
 
-class SbatchPreview(submitit.SlurmExecutor):
-    """A SlurmExecutor that is only asked for its sbatch text, so it needs no SLURM on this machine
+class LaunchExecutor(submitit.SlurmExecutor):
+    """submitit's executor, whose batch script gets one line after its srun: when the step ended
+    with no word from the trainers (srun killed them all on losing a node), `slurm_job` counts and
+    requeues it instead of leaving the job FAILED."""
+
+    after_step: str = ""
+
+    def _make_submission_file_text(self, command: str, uid: str) -> str:
+        return super()._make_submission_file_text(command, uid) + self.after_step
+
+
+class SbatchPreview(LaunchExecutor):
+    """A LaunchExecutor that is only asked for its sbatch text, so it needs no SLURM on this machine
     (a dry run on a laptop or a CI box)."""
 
     @classmethod
@@ -214,9 +183,14 @@ def slurm_executor(
     args: argparse.Namespace,
     cfg: Config,
     folder: Path,
-    kind: type[submitit.SlurmExecutor] = submitit.SlurmExecutor,
-) -> submitit.SlurmExecutor:
+    kind: type[LaunchExecutor] = LaunchExecutor,
+) -> LaunchExecutor:
     executor = kind(folder=folder, max_num_timeout=args.max_timeouts)
+    limits = f"{args.max_retries} {args.max_node_failures}"
+    executor.after_step = (
+        "\n# lejepa_scale: a step that ended with no word from its trainers (a node lost) is requeued here\n"
+        f"{shlex.quote(sys.executable)} -m lejepa_scale.slurm_job {shlex.quote(cfg.run.dir)} $? {limits}\n"
+    )
     executor.update_parameters(
         job_name=cfg.run.name,
         nodes=args.nodes,
@@ -235,6 +209,10 @@ def slurm_executor(
         setup=[
             # srun does not inherit --cpus-per-task from the allocation since Slurm 22.05
             'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi',
+            # one trivial task per node, retried while a node cannot start tasks yet (a slurmd still
+            # registering), once per restart so the trainers' step id is new (lejepa_scale/sbatch.py)
+            "for start in $(seq 0 ${SLURM_RESTART_COUNT:-0}); do for try in 1 2 3; do"
+            " srun --ntasks-per-node=1 --cpus-per-task=1 true && break; sleep 10; done; done",
             *(
                 f"export {name}={value}"
                 for name, value in network_environment(args.network_interface).items()
@@ -310,9 +288,13 @@ def submit(args: argparse.Namespace) -> int:
     if shutil.which("sbatch") is None:
         raise ConfigError("sbatch not found: run this on a SLURM login node, or use --local N / --dry-run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    job = slurm_executor(args, cfg, run_dir / "slurm").submit(TrainJob(to_yaml(cfg), args.max_retries))
+    job = slurm_executor(args, cfg, run_dir / "slurm").submit(
+        TrainJob(to_yaml(cfg), Limits(args.max_retries, args.max_node_failures))
+    )
     record(run_dir, "submitted", job_id=job.job_id, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
-           gpus_per_node=args.gpus_per_node, max_retries=args.max_retries)  # fmt: skip
+           gpus_per_node=args.gpus_per_node, max_retries=args.max_retries,
+           max_node_failures=args.max_node_failures,
+           command=shlex.join(["python", "-m", "lejepa_scale.launch", *args.argv]))  # fmt: skip
     print(
         f"submitted job {job.job_id}\n"
         f"  run dir: {run_dir}\n"
@@ -326,17 +308,24 @@ def submit(args: argparse.Namespace) -> int:
 # -- status ------------------------------------------------------------------------------------------
 
 
-def job_state(job_id: str) -> str:
-    """SLURM's state of a job: scontrol while it is known to the controller, else sacct."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-    match = re.search(r"\bJobState=(\S+)", out.stdout)
-    if match:
-        return match.group(1)
-    out = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True
-    )
-    states = [s for s in out.stdout.split() if s and s != "State"]
-    return states[-1] if out.returncode == 0 and states else "UNKNOWN (no longer known to SLURM)"
+FAILURES = ("failed", "hung", "node failure")
+ENDED_BY_SLURM = ("FAILED", "NODE_FAIL", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def job_state(job_id: str) -> dict[str, str]:
+    """SLURM's word on a job (JobState, Reason, ExitCode): scontrol while the controller knows it,
+    else sacct."""
+    (job,) = scontrol("job", job_id) or [{}]
+    if "JobState" in job:
+        return {k: job[k] for k in ("JobState", "Reason", "ExitCode") if k in job}
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", job_id],
+                         capture_output=True, text=True)  # fmt: skip
+    rows = [
+        line.split("|") for line in out.stdout.splitlines() if "|" in line and not line.startswith("State")
+    ]
+    if out.returncode == 0 and rows:
+        return {"JobState": rows[-1][0], "ExitCode": rows[-1][-1]}
+    return {"JobState": "UNKNOWN (no longer known to SLURM)"}
 
 
 def run_status(run_dir: Path) -> dict:
@@ -349,31 +338,40 @@ def run_status(run_dir: Path) -> dict:
     last = json.loads(lines[-1]) if lines else None
     ours = [e for e in events if e.get("job_id") == job_id and ("local" in e) == (job_id is None)]
     local = [e["local"] for e in ours if e["event"] == "start" and "local" in e]
+    slurm = job_state(job_id) if job_id and shutil.which("scontrol") else {}
+    state = slurm.get("JobState")
+    ended_by_slurm = state in ENDED_BY_SLURM and not any(e["event"] == "finished" for e in ours)
     return {
         "run_dir": str(run_dir),
         "job_id": job_id,
         "local": local[-1] if local else None,
-        "state": job_state(job_id) if job_id and shutil.which("scontrol") else None,
+        "state": state,
+        "slurm": slurm,
         "starts": sum(e["event"] == "start" for e in ours),
-        "failures": [e["reason"] for e in ours if e["event"] in ("failed", "hung")],
+        "failures": [
+            f"{e['event']}: {e['reason']}" for e in ours if e["event"] in ("failed", "hung", "node failure")
+        ],
+        "node_failures": sum(e["event"] == "node failure" for e in ours),
         "checkpoint": {"path": str(done[-1]), "step": checkpoint_step(done[-1])} if done else None,
         "last_logged": {k: last[k] for k in ("step", "loss") if k in last} if last else None,
+        "resume_with": submitted[-1].get("command") if ended_by_slurm and submitted else None,
     }
 
 
 def print_status(status: dict) -> None:
-    ckpt, last = status["checkpoint"], status["last_logged"]
+    ckpt, last, slurm = status["checkpoint"], status["last_logged"], status["slurm"]
+    said = ", ".join(f"{k} {v}" for k, v in slurm.items() if k != "JobState" and v not in ("None", "(null)"))
     rows = [
         ("run dir", status["run_dir"]),
         (
             "job",
-            f"{status['job_id']} {status['state'] or ''}"
+            f"{status['job_id']} {status['state'] or ''}{f' ({said})' if said else ''}"
             if status["job_id"]
             else f"local run (--local {status['local']}), not submitted"
             if status["local"]
             else "never run",
         ),
-        ("starts", f"{status['starts']} (1 + requeues)"),
+        ("starts", f"{status['starts']} (1 + requeues; {status['node_failures']} after node failures)"),
         ("failures", "; ".join(status["failures"]) or "none"),
         ("checkpoint", f"step {ckpt['step']} ({ckpt['path']})" if ckpt else "none complete"),
         (
@@ -381,6 +379,10 @@ def print_status(status: dict) -> None:
             f"step {last['step']}, loss {last.get('loss', float('nan')):.4f}" if last else "nothing",
         ),
     ]
+    if status["resume_with"]:
+        step = ckpt["step"] if ckpt else 0
+        rows.append(("ended", f"SLURM ended the job ({status['state']}) before training finished"))
+        rows.append(("to resume", f"{status['resume_with']}   (continues from step {step})"))
     for name, value in rows:
         print(f"{name:>12}: {value}")
 
@@ -408,6 +410,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-delay", type=int, default=180, help="USR2 this many seconds before the limit")
     p.add_argument("--network-interface", help="e.g. ib0: sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME")
     p.add_argument("--max-retries", type=int, default=3, help="automatic requeues after a crash")
+    p.add_argument(
+        "--max-node-failures", type=int, default=20, help="automatic requeues after a node failure"
+    )
     p.add_argument("--max-timeouts", type=int, default=1000, help="requeues at the time limit")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
     p.add_argument("--local", type=int, default=0, metavar="N", help="run here with N processes")
@@ -430,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(status, indent=2)) if args.json else print_status(status)
         return
     args = parser().parse_args(argv)
+    args.argv = argv
     try:
         sys.exit(submit(args))
     except ConfigError as e:

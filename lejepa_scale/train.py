@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,6 +60,7 @@ from lejepa_scale.plan import step_flops
 from lejepa_scale.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 from lejepa_scale.profiling import step_profiler
 from lejepa_scale.rng import RandomState
+from lejepa_scale.slurm_job import Attempt, lost_peer
 from lejepa_scale.states import ModelState, OptimizerState
 from lejepa_scale.step import train_step
 from lejepa_scale.watchdog import HangWatchdog
@@ -308,13 +310,23 @@ def main(argv: list[str] | None = None) -> None:
         check_model(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    # under slurm/train.sbatch, torchrun reports every failure as exit code 1: the trainers say why
+    attempt = Attempt.from_env(Path(cfg.run.dir)) if "SLURM_JOB_ID" in os.environ else None
     try:
-        train(cfg)
+        train(cfg, on_hang=attempt and (lambda reason: attempt.note("hung", reason)))
     except Preempted as e:
         log.warning("%s", e)
+        if attempt:
+            attempt.note("stopped", f"{signal.Signals(e.signum).name} {e}")
         sys.exit(EXIT_PREEMPTED)
     except ConfigError as e:
+        if attempt:
+            attempt.note("error", str(e))
         sys.exit(f"error: {e}")
+    except Exception as e:
+        if attempt and not lost_peer(e):
+            attempt.note("error", "".join(traceback.format_exception_only(e)).strip())
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

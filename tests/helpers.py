@@ -27,7 +27,8 @@ def tiny_job(steps: int) -> list[str]:
 def train_command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
     """`python -m lejepa_scale.train --config configs/demo_cpu_vit.yaml run.dir=... OVERRIDES`, under
     torchrun with `nproc` gloo ranks when nproc > 1."""
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    launcher = torchrun if nproc > 1 else []
     trainer = ["-m", "lejepa_scale.train", "--config", str(DEMO), f"run.dir={run_dir}"]
     return [sys.executable, *launcher, *trainer, *overrides]
 

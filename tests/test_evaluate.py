@@ -143,6 +143,7 @@ def test_extraction_split_over_two_ranks_matches_one_process(tiny_run, images, t
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         "--nproc_per_node",
         "2",
         "-m",

@@ -224,7 +224,7 @@ def test_retries_are_bounded(slurm, tmp_path):
     state, logs = wait_until_done(job_id, tmp_path)
     assert state == "FAILED"
     (failure,) = events(tmp_path, "failed")
-    assert not failure["requeued"] and "giving up after 0 retries" in logs
+    assert not failure["requeued"] and "giving up: crash 1, more than --max-retries 0" in logs
     assert len(events(tmp_path, "start")) == 1
 
 
@@ -297,6 +297,7 @@ def test_sbatch_template_trains_and_requeues_itself_on_usr2(uninterrupted, tmp_p
     text = log.read_text(errors="replace")  # torchrun's workers share the stream: bars may interleave
     assert job_state(job_id) == "COMPLETED", text[-3000:]
     assert "USR2: the trainers checkpoint" in text and f"requeueing job {job_id}" in text
+    assert [e["event"] for e in events(tmp_path)] == ["start", "stopped", "start", "finished"]
     assert "GLOO_SOCKET_IFNAME=lo" in text
     resumed = re.search(r"resumed from \S+ \(step (\d+)\)", text)
     assert resumed and 30 < int(resumed.group(1)) < STEPS

@@ -1,23 +1,29 @@
 """Two real SLURM nodes on this machine (slurm/local/two_nodes.sh: every daemon in its own network,
 UTS and mount namespaces; one task per node, HSDP with a replica per node): the job trains on both
-launch paths bit for bit like `launch --local 2`, with gloo's traffic on the data network."""
+launch paths bit for bit like `launch --local 2`, with gloo's traffic on the data network, and it
+gets through a crashed node, a node rebooted behind SLURM's back, a partition, a dead data network,
+a preemption and a requeue. The fault tests run both launch paths at once, through the same fault,
+and print a row per path for docs/benchmarks.md: `pytest tests/test_nodes.py -s`."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from lejepa_scale.launch import newest_step
 from tests.helpers import DEMO, ENV, ROOT, losses, tiny_job, weights
 
 CLUSTER = ["bash", str(ROOT / "slurm/local/two_nodes.sh")]
-STEPS = 40
+STEPS = 240  # ≈ 30 s on 2 cores: room for a fault in mid-run
 TRAINING = [*tiny_job(STEPS), "parallel.dp_replicate=2", "log.wandb=disabled"]
 
 
@@ -89,53 +95,217 @@ def assert_same_training(run_dir: Path, reference: Path) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-def test_launch_trains_on_two_nodes_like_two_local_processes(two_nodes, reference, tmp_path):
-    before = {link: link_bytes("lj1", link) for link in ("eth0", "ib0")}
-    job = [
-        "--nodes",
-        "2",
-        "--gpus-per-node",
-        "0",
-        "--tasks-per-node",
-        "1",
-        "--cpus-per-task",
-        "1",
-        "--time",
-        "10",
+# -- faults: both launch paths at once, through the same fault -------------------------------------
+
+JOB = [
+    "--nodes",
+    "2",
+    "--gpus-per-node",
+    "0",
+    "--tasks-per-node",
+    "1",
+    "--cpus-per-task",
+    "1",
+    "--time",
+    "15",
+]
+SBATCH = ["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node=0", "--cpus-per-task=1", "--time", "15"]
+
+
+class Run:
+    """One launched job and a watch on its metrics: the last logged step each time it changed, with
+    the wall time (a resumed run cuts metrics.jsonl back to its resume step, then appends)."""
+
+    def __init__(self, path: str, job_id: str, run_dir: Path):
+        self.path, self.job_id, self.run_dir = path, job_id, run_dir
+        self.seen: list[tuple[float, int]] = []  # (wall time, last logged step)
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        metrics, last = self.run_dir / "metrics.jsonl", None
+        while not self._stop.wait(0.1):
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            step = json.loads(lines[-1])["step"] if lines and lines[-1].endswith("}") else None
+            if step is not None and (len(lines), step) != last:
+                self.seen.append((time.time(), step))
+                last = (len(lines), step)
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in (self.run_dir / "launch.jsonl").read_text().splitlines()]
+
+    def resumed_after(self, since: float) -> tuple[float, int]:
+        """For the first restart after `since`: when training was back (the resume step logged) and
+        how many steps were done again."""
+        start = next(e for e in self.events() if e["event"] == "start" and e["time"] > since)
+        before = max(step for t, step in self.seen if t < start["time"])
+        back = next(t for t, step in self.seen if t > start["time"] and step >= start["resume_step"])
+        return back, before + 1 - start["resume_step"]
+
+    def finish(self) -> None:
+        wait_gone(self.job_id, timeout=420)
+        self._stop.set()
+
+
+@pytest.fixture
+def jobs(two_nodes):
+    """The test's jobs: whatever is still queued when it ends (a failed test) is cancelled."""
+    ids: list[str] = []
+    yield ids
+    queued = [job for job in ids if two_nodes("login", "squeue", "-h", "-j", job).strip()]
+    if queued:
+        two_nodes("login", "scancel", *queued)
+        for job in queued:
+            wait_gone(job, timeout=60)
+
+
+def submit_both(two_nodes, jobs: list[str], tmp_path: Path, *overrides: str) -> list[Run]:
+    """The same job from `launch --nodes 2` (submitit) and `sbatch slurm/train.sbatch`, both at once
+    (each takes one CPU of each node)."""
+    training = [*TRAINING, *overrides]
+    env = {"PYTHON": sys.executable, "NPROC_PER_NODE": "1", "NETWORK_INTERFACE": "ib0"}
+    sbatch = [*SBATCH, f"--output={tmp_path}/sbatch-%j.out", "slurm/train.sbatch", str(DEMO)]
+    sbatch_job = two_nodes("login", *sbatch, f"run.dir={tmp_path / 'sbatch'}", *training, env=env).strip()
+    launch = [sys.executable, "-m", "lejepa_scale.launch", "--config", str(DEMO), *JOB]
+    launch += ["--network-interface", "ib0", f"run.dir={tmp_path / 'submitit'}"]
+    submitit_job = two_nodes("login", *launch, *training).split("submitted job ")[1].split()[0]
+    return [
+        Run("submitit", submitit_job, tmp_path / "submitit"),
+        Run("sbatch", sbatch_job, tmp_path / "sbatch"),
     ]
-    launch = [sys.executable, "-m", "lejepa_scale.launch", "--config", str(DEMO), *job, "--time", "10"]
-    out = two_nodes("login", *launch, "--network-interface", "ib0", f"run.dir={tmp_path}", *TRAINING)
-    job_id = out.split("submitted job ")[1].split()[0]
-    wait_gone(job_id)
+
+
+def wait_for_checkpoint(runs: list[Run], step: int, timeout: float = 300) -> None:
+    """Until each run's newest complete checkpoint is at `step` or later."""
+    deadline = time.time() + timeout
+    while not all(newest_step(r.run_dir) >= step for r in runs):
+        assert time.time() < deadline, f"no checkpoint {step} after {timeout} s"
+        time.sleep(0.2)
+
+
+def outcome(fault: str, run: Run, since: float, reference: Path) -> dict:
+    """Check the run finished bit-identical to the reference; the fault table's row for it."""
+    run.finish()
+    assert_same_training(run.run_dir, reference)
+    again, redone = run.resumed_after(since)
+    ends = [e["event"] for e in run.events() if e["event"] not in ("submitted", "start")]
+    row = {"fault": fault, "path": run.path, "training again (s)": round(again - since, 1),
+           "steps redone": redone, "outcome": " → ".join(ends)}  # fmt: skip
+    print(f"\nfault table: {json.dumps(row)}")
+    return row
+
+
+def test_both_launch_paths_train_on_two_nodes_like_two_local_processes(two_nodes, jobs, reference, tmp_path):
+    before = {link: link_bytes("lj1", link) for link in ("eth0", "ib0")}
+    submitit, sbatch = submit_both(two_nodes, jobs, tmp_path)
+    for run in (submitit, sbatch):
+        run.finish()
+        assert_same_training(run.run_dir, reference)
     traffic = {link: link_bytes("lj1", link) - before[link] for link in ("eth0", "ib0")}
-    events = [json.loads(line) for line in (tmp_path / "launch.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["submitted", "start", "finished"], events
-    assert events[1]["world_size"] == 2 and events[1]["network_interface"] == "ib0"
-    assert_same_training(tmp_path, reference)
     # gloo's collectives run on the data network; eth0 carries SLURM and the rendezvous store
     assert traffic["ib0"] > 1_000_000 and traffic["ib0"] > 5 * traffic["eth0"], traffic
-    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "slurm").glob("*.err"))
+    assert [e["event"] for e in submitit.events()] == ["submitted", "start", "finished"]
+    assert [e["event"] for e in sbatch.events()] == ["start", "finished"]
+    for run in (submitit, sbatch):
+        start = run.events()[-2]
+        assert (start["world_size"], start["network_interface"], start["nodes"]) == (2, "ib0", "lj[1-2]")
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "submitit" / "slurm").glob("*.err"))
     assert "CPUs available to each process:" in logs  # what a task on a node was given
-
-
-def test_the_sbatch_template_trains_on_two_nodes_like_two_local_processes(two_nodes, reference, tmp_path):
-    env = {"PYTHON": sys.executable, "NPROC_PER_NODE": "1", "NETWORK_INTERFACE": "ib0"}
-    sbatch = [
-        "sbatch",
-        "--parsable",
-        "--nodes",
-        "2",
-        "--gpus-per-node=0",
-        "--cpus-per-task=1",
-        "--time",
-        "10",
-        f"--output={tmp_path}/sbatch-%j.out",
-    ]
-    job_id = two_nodes(
-        "login", *sbatch, "slurm/train.sbatch", str(DEMO), f"run.dir={tmp_path}", *TRAINING, env=env
-    )
-    job_id = job_id.strip()
-    wait_gone(job_id)
-    assert_same_training(tmp_path, reference)
     log = next(tmp_path.glob("sbatch-*.out")).read_text()
     assert "2 node(s) x 1" in log and "GLOO_SOCKET_IFNAME=ib0" in log
+
+
+def test_a_crashed_node_back_30_s_later_is_a_node_failure_on_both_paths(two_nodes, jobs, reference, tmp_path):
+    runs = submit_both(two_nodes, jobs, tmp_path)
+    wait_for_checkpoint(runs, 20)
+    fault = time.time()
+    two_nodes("crash", "lj2")
+    time.sleep(30)
+    two_nodes("boot", "lj2")
+    for run in runs:
+        row = outcome("node crash, back after 30 s", run, fault, reference)
+        failures = [e for e in run.events() if e["event"] in ("failed", "hung", "node failure")]
+        assert [e["event"] for e in failures] == ["node failure"], (
+            failures
+        )  # not a crash: no --max-retries used
+        assert row["training again (s)"] < 120
+
+
+def test_a_node_rebooted_before_slurm_noticed_does_not_hang_the_job(two_nodes, jobs, reference, tmp_path):
+    """The rebooted slurmd knows nothing of the job's step: srun would wait for it until the time
+    limit. Bound: the submitit path requeues at once (the node's slurmd restarted after the job
+    started), the sbatch path cancels the step 30 s after its first task ended; training again
+    within 90 s."""
+    runs = submit_both(two_nodes, jobs, tmp_path)
+    wait_for_checkpoint(runs, 20)
+    fault = time.time()
+    two_nodes("crash", "lj2")
+    two_nodes("boot", "lj2")
+    for run in runs:
+        row = outcome("node crash + reboot before SLURM notices", run, fault, reference)
+        (failure,) = [e for e in run.events() if e["event"] in ("failed", "hung", "node failure")]
+        assert failure["event"] == "node failure" and "slurmd restarted" in failure["nodes"]["lj2"]
+        assert row["training again (s)"] < 90
+
+
+def test_a_node_partitioned_for_60_s_ends_finished(two_nodes, jobs, reference, tmp_path):
+    runs = submit_both(two_nodes, jobs, tmp_path)
+    wait_for_checkpoint(runs, 20)
+    fault = time.time()
+    two_nodes("cut", "lj2")
+    time.sleep(60)
+    two_nodes("restore", "lj2")
+    for run in runs:
+        outcome("node partitioned 60 s", run, fault, reference)
+        assert {e["event"] for e in run.events() if e["event"] in ("failed", "hung")} == set()
+
+
+def test_a_dead_data_network_is_a_detected_hang_requeued_and_resumed(two_nodes, jobs, reference, tmp_path):
+    runs = submit_both(two_nodes, jobs, tmp_path, "train.hang_timeout=12")
+    wait_for_checkpoint(runs, 20)
+    fault = time.time()
+    two_nodes("cut-data", "lj2")
+    time.sleep(22)  # longer than train.hang_timeout
+    two_nodes("restore-data", "lj2")
+    for run in runs:
+        outcome("data network down 22 s (hang_timeout 12 s)", run, fault, reference)
+        (hung,) = [e for e in run.events() if e["event"] in ("failed", "hung", "node failure")]
+        assert hung["event"] == "hung" and hung["requeued"], hung
+        assert re.search(
+            r"last completed step: \d+; the training loop waits in torch.distributed\.", hung["reason"]
+        )
+
+
+def test_preemption_and_requeue_save_and_resume_on_both_paths(two_nodes, jobs, reference, tmp_path):
+    runs = submit_both(two_nodes, jobs, tmp_path)
+    wait_for_checkpoint(runs, 20)
+    preempted = time.time()
+    high = ["sbatch", "-p", "high", "-N2", "--exclusive", "--output=/dev/null", "--wrap", "srun hostname"]
+    two_nodes("login", *high)
+    requeued = {}
+    for run in runs:  # each as soon as it is past checkpoint 80 again
+        wait_for_checkpoint([run], 80)
+        requeued[run.path] = time.time()
+        two_nodes("login", "scontrol", "requeue", run.job_id)
+    for run in runs:
+        faults = [("preemption (high partition)", preempted), ("scontrol requeue", requeued[run.path])]
+        rows = [outcome(fault, run, since, reference) for fault, since in faults]
+        assert all(row["steps redone"] <= 10 for row in rows), rows  # at most back to the last periodic save
+        assert [e["event"] for e in run.events() if e["event"] in ("failed", "hung", "node failure")] == []
+
+
+def test_status_shows_a_job_slurm_ended_with_its_reason_and_how_to_resume(two_nodes, jobs, tmp_path):
+    launch = [sys.executable, "-m", "lejepa_scale.launch", "--config", str(DEMO), *JOB]
+    out = two_nodes("login", *launch, f"run.dir={tmp_path}", *TRAINING)
+    job_id = out.split("submitted job ")[1].split()[0]
+    jobs.append(job_id)
+    run = Run("submitit", job_id, tmp_path)
+    wait_for_checkpoint([run], 10)
+    two_nodes("login", "scancel", "--batch", "--signal=KILL", job_id)  # the batch step dies outside Python
+    run.finish()
+    status = two_nodes("login", sys.executable, "-m", "lejepa_scale.launch", "status", str(tmp_path))
+    assert re.search(rf"job: {job_id} FAILED \(.*ExitCode 0:9", status), status
+    assert "SLURM ended the job (FAILED) before training finished" in status
+    assert re.search(
+        r"to resume: python -m lejepa_scale.launch --config \S+ --nodes 2 .* \(continues from step", status
+    )
