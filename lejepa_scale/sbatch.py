@@ -23,6 +23,7 @@ from pathlib import Path
 from lejepa_scale.config import ConfigError, load_config
 from lejepa_scale.launch import newest_step
 from lejepa_scale.metrics import configure_logging
+from lejepa_scale.preemption import EXIT_PREEMPTED
 from lejepa_scale.slurm_job import Attempt, Limits, failed_nodes
 
 log = logging.getLogger("lejepa_scale.sbatch")
@@ -68,10 +69,14 @@ class Step:
                 self.task_ended = self.task_ended or time.monotonic()
                 self.step_id = match.group(2) or self.step_id
 
-    def wait(self, on_sigterm: Callable[[], None], received: list[int]) -> int:
-        """srun's exit code; `on_sigterm` runs once, as soon as SIGTERM is among `received`."""
+    def wait(self, on_sigterm: Callable[[], None], received: list[int], all_saved: Callable[[], bool]) -> int:
+        """srun's exit code; `on_sigterm` runs once, as soon as SIGTERM is among `received`. Once
+        every trainer has saved and stopped (`all_saved`), EXIT_PREEMPTED without waiting for
+        torchrun and srun to wind down (seconds on every preemption)."""
         cancelled = told = False
         while True:
+            if all_saved() and signal.SIGTERM not in received:
+                return EXIT_PREEMPTED
             if signal.SIGTERM in received and not told:
                 on_sigterm()
                 told = True
@@ -137,7 +142,11 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGUSR2, forward)
     signal.signal(signal.SIGTERM, forward)  # scancel, a requeue, a preemption: SLURM signals the step too
-    code = step.wait(lambda: terminated(attempt, limits), received)
+
+    def all_saved() -> bool:  # every trainer noted its preemption checkpoint
+        return len(attempt.notes().get("stopped", "").splitlines()) >= nodes * args.nproc_per_node
+
+    code = step.wait(lambda: terminated(attempt, limits), received, all_saved)
     sys.exit(code if signal.SIGTERM in received else decide(attempt, limits, code, received))
 
 

@@ -47,7 +47,7 @@ from lejepa_scale.checkpoint import (
 )
 from lejepa_scale.collectives import any_rank, from_rank0
 from lejepa_scale.config import Config, ConfigError, from_yaml, load_config, to_yaml
-from lejepa_scale.metrics import MetricsLogger, configure_logging
+from lejepa_scale.metrics import MetricsLogger, configure_logging, peak_tflops
 from lejepa_scale.model import LeJEPAModel
 from lejepa_scale.parallel import (
     DistEnv,
@@ -63,7 +63,7 @@ from lejepa_scale.rng import RandomState
 from lejepa_scale.slurm_job import Attempt, lost_peer
 from lejepa_scale.states import ModelState, OptimizerState
 from lejepa_scale.step import train_step
-from lejepa_scale.watchdog import HangWatchdog
+from lejepa_scale.watchdog import HangWatchdog, slow_step_seconds, timeout_too_short
 
 log = logging.getLogger("lejepa_scale.train")
 
@@ -140,6 +140,16 @@ def check_cpus(cfg: Config, env: DistEnv) -> None:
                     "data.num_workers", env.rank, cpus, cfg.data.num_workers, needed, needed)  # fmt: skip
 
 
+def check_hang_timeout(cfg: Config, env: DistEnv, model: LeJEPAModel) -> None:
+    """The watchdog's timeout against the planner's step FLOPs on a GPU it knows the peak of."""
+    flops, peak = step_flops(cfg), peak_tflops(env.device)
+    if env.is_main and flops and peak:
+        state_bytes = 12 * sum(p.numel() for p in model.parameters()) / env.world_size  # fp32 weights + AdamW
+        warning = timeout_too_short(cfg.train.hang_timeout, slow_step_seconds(flops, peak, state_bytes))
+        if warning:
+            log.warning("%s", warning)
+
+
 def stop_if_diverging(streak: float, cfg: Config, step: int, checkpointer: Checkpointer) -> None:
     """Stop after `train.max_nonfinite_steps` skipped updates in a row (read on logging steps)."""
     if streak >= cfg.train.max_nonfinite_steps:  # the streak is averaged over ranks: all stop here
@@ -205,6 +215,7 @@ def train(cfg: Config, on_hang: Callable[[str], None] | None = None) -> LeJEPAMo
         if interfaces:
             log.info("network interface: %s", ", ".join(f"{k}={v}" for k, v in interfaces.items()))
     check_cpus(cfg, env)
+    check_hang_timeout(cfg, env, model)
 
     state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer), "schedule": scheduler}
     state |= {name: part for name, part in (("probe", probe), ("swa", swa)) if part is not None}

@@ -66,6 +66,21 @@ class HangWatchdog:
             os._exit(EXIT_HUNG)
 
 
+def slow_step_seconds(flops_per_step: float, peak_tflops: float, state_bytes: float) -> float:
+    """A pessimistic step plus a blocking save, what `train.hang_timeout` must stay well above:
+    5 % MFU, and this rank's checkpoint share written at 100 MB/s."""
+    return flops_per_step / (0.05 * peak_tflops * 1e12) + state_bytes / 100e6
+
+
+def timeout_too_short(timeout: float, slow_step: float) -> str | None:
+    """A warning when the watchdog could fire on a slow but healthy step (less than 3 of them)."""
+    if 0 < timeout < 3 * slow_step:
+        return (f"train.hang_timeout={timeout:g} s is less than 3 slow steps of this model ({slow_step:.0f} "
+                f"s each at 5 % MFU, with a blocking save): a healthy job could be stopped as hung; raise it "
+                f"to {3 * slow_step:.0f} s or more")  # fmt: skip
+    return None
+
+
 def waiting_in(frames: traceback.StackSummary) -> str:
     """The collective in flight (the innermost torch.distributed call on the stack) and the project
     line that issued it; else the innermost project line."""

@@ -11,9 +11,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from lejepa_scale.watchdog import EXIT_HUNG
+from lejepa_scale.watchdog import EXIT_HUNG, slow_step_seconds, timeout_too_short
 from tests.helpers import ENV, ROOT, TINY, losses, run_train, train_command, weights
 
 COMMON = [*TINY, "train.steps=8", "checkpoint.every_steps=2", "train.log_every=1", "train.hang_timeout=6"]
@@ -67,3 +68,12 @@ def test_a_frozen_peer_is_named_and_the_run_resumes_exactly(tmp_path):
     assert losses(hung) == losses(tmp_path / "straight")
     final, reference = weights(hung), weights(tmp_path / "straight")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_the_timeout_is_checked_against_a_slow_step_of_the_model():
+    """ViT-g/14-like step: 1e15 FLOPs per rank on a 989 TFLOP/s GPU at 5 % MFU ≈ 20 s, plus a 2 GB
+    checkpoint share at 100 MB/s = 20 s: the 1800 s default passes, 60 s does not."""
+    slow = slow_step_seconds(1e15, 989.0, 2e9)
+    assert slow == pytest.approx(1e15 / (0.05 * 989e12) + 20)
+    assert timeout_too_short(1800, slow) is None and timeout_too_short(0, slow) is None  # 0: off
+    assert "raise it to 121 s or more" in timeout_too_short(60, slow)
