@@ -331,7 +331,8 @@ def job_state(job_id: str) -> dict[str, str]:
 def run_status(run_dir: Path) -> dict:
     events = read_events(run_dir)
     submitted = [e for e in events if e["event"] == "submitted"]
-    job_id = submitted[-1]["job_id"] if submitted else None
+    started = [e for e in events if e["event"] == "start" and e.get("job_id")]  # sbatch jobs: no "submitted"
+    job_id = submitted[-1]["job_id"] if submitted else started[-1]["job_id"] if started else None
     done = complete_checkpoints(run_dir / "checkpoints")
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []

@@ -213,6 +213,8 @@ def test_both_launch_paths_train_on_two_nodes_like_two_local_processes(two_nodes
     assert "CPUs available to each process:" in logs  # what a task on a node was given
     log = next(tmp_path.glob("sbatch-*.out")).read_text()
     assert "2 node(s) x 1" in log and "GLOO_SOCKET_IFNAME=ib0" in log
+    status = two_nodes("login", sys.executable, "-m", "lejepa_scale.launch", "status", str(sbatch.run_dir))
+    assert f"job: {sbatch.job_id} COMPLETED" in status and "failures: none" in status
 
 
 def test_a_crashed_node_back_30_s_later_is_a_node_failure_on_both_paths(two_nodes, jobs, reference, tmp_path):
