@@ -217,19 +217,27 @@ def test_both_launch_paths_train_on_two_nodes_like_two_local_processes(two_nodes
     assert f"job: {sbatch.job_id} COMPLETED" in status and "failures: none" in status
 
 
-def test_a_crashed_node_back_30_s_later_is_a_node_failure_on_both_paths(two_nodes, jobs, reference, tmp_path):
-    runs = submit_both(two_nodes, jobs, tmp_path)
+def through_fault(two_nodes, jobs, tmp_path, reference, name, fault, restore=None, down=0.0, *overrides):
+    """Both paths' job, the fault once both have checkpoint 20 (`restore` after `down` s), until
+    both finish bit-identical: [(run, its fault-table row)]."""
+    runs = submit_both(two_nodes, jobs, tmp_path, *overrides)
     wait_for_checkpoint(runs, 20)
-    fault = time.time()
-    two_nodes("crash", "lj2")
-    time.sleep(30)
-    two_nodes("boot", "lj2")
-    for run in runs:
-        row = outcome("node crash, back after 30 s", run, fault, reference)
-        failures = [e for e in run.events() if e["event"] in ("failed", "hung", "node failure")]
-        assert [e["event"] for e in failures] == ["node failure"], (
-            failures
-        )  # not a crash: no --max-retries used
+    started = time.time()
+    two_nodes(*fault)
+    if restore:
+        time.sleep(down)
+        two_nodes(*restore)
+    return [(run, outcome(name, run, started, reference)) for run in runs]
+
+
+def failures(run: Run) -> list[dict]:
+    return [e for e in run.events() if e["event"] in ("failed", "hung", "node failure")]
+
+
+def test_a_crashed_node_back_30_s_later_is_a_node_failure_on_both_paths(two_nodes, jobs, reference, tmp_path):
+    name, crash = "node crash, back after 30 s", (("crash", "lj2"), ("boot", "lj2"), 30)
+    for run, row in through_fault(two_nodes, jobs, tmp_path, reference, name, *crash):
+        assert [e["event"] for e in failures(run)] == ["node failure"]  # not a crash: --max-retries unused
         assert row["training again (s)"] < 120
 
 
@@ -238,44 +246,27 @@ def test_a_node_rebooted_before_slurm_noticed_does_not_hang_the_job(two_nodes, j
     limit. Bound: the submitit path requeues at once (the node's slurmd restarted after the job
     started), the sbatch path cancels the step 30 s after its first task ended; training again
     within 90 s."""
-    runs = submit_both(two_nodes, jobs, tmp_path)
-    wait_for_checkpoint(runs, 20)
-    fault = time.time()
-    two_nodes("crash", "lj2")
-    two_nodes("boot", "lj2")
-    for run in runs:
-        row = outcome("node crash + reboot before SLURM notices", run, fault, reference)
-        (failure,) = [e for e in run.events() if e["event"] in ("failed", "hung", "node failure")]
+    name, reboot = "node crash + reboot before SLURM notices", (("crash", "lj2"), ("boot", "lj2"), 0)
+    for run, row in through_fault(two_nodes, jobs, tmp_path, reference, name, *reboot):
+        (failure,) = failures(run)
         assert failure["event"] == "node failure" and "slurmd restarted" in failure["nodes"]["lj2"]
         assert row["training again (s)"] < 90
 
 
 def test_a_node_partitioned_for_60_s_ends_finished(two_nodes, jobs, reference, tmp_path):
-    runs = submit_both(two_nodes, jobs, tmp_path)
-    wait_for_checkpoint(runs, 20)
-    fault = time.time()
-    two_nodes("cut", "lj2")
-    time.sleep(60)
-    two_nodes("restore", "lj2")
-    for run in runs:
-        outcome("node partitioned 60 s", run, fault, reference)
-        assert {e["event"] for e in run.events() if e["event"] in ("failed", "hung")} == set()
+    cut = ("cut", "lj2"), ("restore", "lj2"), 60
+    for run, _ in through_fault(two_nodes, jobs, tmp_path, reference, "node partitioned 60 s", *cut):
+        assert [e["event"] for e in failures(run)] == ["node failure"]
 
 
 def test_a_dead_data_network_is_a_detected_hang_requeued_and_resumed(two_nodes, jobs, reference, tmp_path):
-    runs = submit_both(two_nodes, jobs, tmp_path, "train.hang_timeout=12")
-    wait_for_checkpoint(runs, 20)
-    fault = time.time()
-    two_nodes("cut-data", "lj2")
-    time.sleep(22)  # longer than train.hang_timeout
-    two_nodes("restore-data", "lj2")
-    for run in runs:
-        outcome("data network down 22 s (hang_timeout 12 s)", run, fault, reference)
-        (hung,) = [e for e in run.events() if e["event"] in ("failed", "hung", "node failure")]
+    name = "data network down 22 s (hang_timeout 12 s)"
+    cut = ("cut-data", "lj2"), ("restore-data", "lj2"), 22
+    for run, _ in through_fault(two_nodes, jobs, tmp_path, reference, name, *cut, "train.hang_timeout=12"):
+        (hung,) = failures(run)
         assert hung["event"] == "hung" and hung["requeued"], hung
-        assert re.search(
-            r"last completed step: \d+; the training loop waits in torch.distributed\.", hung["reason"]
-        )
+        where = r"last completed step: \d+; the training loop waits in torch.distributed\."
+        assert re.search(where, hung["reason"])
 
 
 def test_preemption_and_requeue_save_and_resume_on_both_paths(two_nodes, jobs, reference, tmp_path):
@@ -293,7 +284,7 @@ def test_preemption_and_requeue_save_and_resume_on_both_paths(two_nodes, jobs, r
         faults = [("preemption (high partition)", preempted), ("scontrol requeue", requeued[run.path])]
         rows = [outcome(fault, run, since, reference) for fault, since in faults]
         assert all(row["steps redone"] <= 10 for row in rows), rows  # at most back to the last periodic save
-        assert [e["event"] for e in run.events() if e["event"] in ("failed", "hung", "node failure")] == []
+        assert failures(run) == []
 
 
 def test_status_shows_a_job_slurm_ended_with_its_reason_and_how_to_resume(two_nodes, jobs, tmp_path):
