@@ -14,9 +14,11 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Under `pytest -n 2 --dist loadgroup` (make test): the two-node SLURM tests, which mostly wait
-    for SLURM to notice a fault, run on one worker while the rest runs in order on the other."""
+    for SLURM to notice a fault, run on one worker while the rest runs in order on the other (the
+    two SLURM clusters are machine-wide: one worker each)."""
     for item in items:
         group = "two_nodes" if item.path.name == "test_nodes.py" else "suite"
         item.add_marker(pytest.mark.xdist_group(group))
