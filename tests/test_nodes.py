@@ -23,7 +23,7 @@ from lejepa_scale.launch import newest_step
 from tests.helpers import DEMO, ENV, ROOT, losses, tiny_job, weights
 
 CLUSTER = ["bash", str(ROOT / "slurm/local/two_nodes.sh")]
-STEPS = 240  # ≈ 30 s on 2 cores: room for a fault in mid-run
+STEPS = 120  # ≈ 15 s on 2 cores: room for a fault after checkpoint 10
 TRAINING = [*tiny_job(STEPS), "parallel.dp_replicate=2", "log.wandb=disabled"]
 
 
@@ -192,6 +192,8 @@ def outcome(fault: str, run: Run, since: float, reference: Path) -> dict:
     row = {"fault": fault, "path": run.path, "training again (s)": round(again - since, 1),
            "steps redone": redone, "outcome": " → ".join(ends)}  # fmt: skip
     print(f"\nfault table: {json.dumps(row)}")
+    with open(run.run_dir.parent / "fault_table.jsonl", "a") as rows:  # for docs/benchmarks.md
+        rows.write(json.dumps(row) + "\n")
     return row
 
 
@@ -218,10 +220,10 @@ def test_both_launch_paths_train_on_two_nodes_like_two_local_processes(two_nodes
 
 
 def through_fault(two_nodes, jobs, tmp_path, reference, name, fault, restore=None, down=0.0, *overrides):
-    """Both paths' job, the fault once both have checkpoint 20 (`restore` after `down` s), until
+    """Both paths' job, the fault once both have checkpoint 10 (`restore` after `down` s), until
     both finish bit-identical: [(run, its fault-table row)]."""
     runs = submit_both(two_nodes, jobs, tmp_path, *overrides)
-    wait_for_checkpoint(runs, 20)
+    wait_for_checkpoint(runs, 10)
     started = time.time()
     two_nodes(*fault)
     if restore:
@@ -238,19 +240,19 @@ def test_a_crashed_node_back_30_s_later_is_a_node_failure_on_both_paths(two_node
     name, crash = "node crash, back after 30 s", (("crash", "lj2"), ("boot", "lj2"), 30)
     for run, row in through_fault(two_nodes, jobs, tmp_path, reference, name, *crash):
         assert [e["event"] for e in failures(run)] == ["node failure"]  # not a crash: --max-retries unused
-        assert row["training again (s)"] < 120
+        assert row["training again (s)"] < 150
 
 
 def test_a_node_rebooted_before_slurm_noticed_does_not_hang_the_job(two_nodes, jobs, reference, tmp_path):
     """The rebooted slurmd knows nothing of the job's step: srun would wait for it until the time
     limit. Bound: the submitit path requeues at once (the node's slurmd restarted after the job
     started), the sbatch path cancels the step 30 s after its first task ended; training again
-    within 90 s."""
+    within 120 s."""
     name, reboot = "node crash + reboot before SLURM notices", (("crash", "lj2"), ("boot", "lj2"), 0)
     for run, row in through_fault(two_nodes, jobs, tmp_path, reference, name, *reboot):
         (failure,) = failures(run)
         assert failure["event"] == "node failure" and "slurmd restarted" in failure["nodes"]["lj2"]
-        assert row["training again (s)"] < 90
+        assert row["training again (s)"] < 120
 
 
 def test_a_node_partitioned_for_60_s_ends_finished(two_nodes, jobs, reference, tmp_path):
@@ -271,13 +273,13 @@ def test_a_dead_data_network_is_a_detected_hang_requeued_and_resumed(two_nodes, 
 
 def test_preemption_and_requeue_save_and_resume_on_both_paths(two_nodes, jobs, reference, tmp_path):
     runs = submit_both(two_nodes, jobs, tmp_path)
-    wait_for_checkpoint(runs, 20)
+    wait_for_checkpoint(runs, 10)
     preempted = time.time()
     high = ["sbatch", "-p", "high", "-N2", "--exclusive", "--output=/dev/null", "--wrap", "srun hostname"]
     two_nodes("login", *high)
     requeued = {}
-    for run in runs:  # each as soon as it is past checkpoint 80 again
-        wait_for_checkpoint([run], 80)
+    for run in runs:  # each as soon as it is past checkpoint 60 again
+        wait_for_checkpoint([run], 60)
         requeued[run.path] = time.time()
         two_nodes("login", "scontrol", "requeue", run.job_id)
     for run in runs:
