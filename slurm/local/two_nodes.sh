@@ -168,7 +168,7 @@ case "$command" in
   login) login "$@" ;;
   on) on "$@" ;;
   crash) kill_namespace "$1" KILL; rm -f "$TWO/run/slurmd-$1.pid" ;;
-  boot) boot "$1"; wait_idle ;;
+  boot) boot "$1" ;;  # SLURM returns the node to service when it sees fit (ReturnToService=2)
   cut) ip -n "$(ns ljctl)" link set "e-$1" down; ip -n "$(ns ljctl)" link set "i-$1" down ;;
   restore) ip -n "$(ns ljctl)" link set "e-$1" up; ip -n "$(ns ljctl)" link set "i-$1" up ;;
   cut-data) ip -n "$(ns ljctl)" link set "i-$1" down ;;
