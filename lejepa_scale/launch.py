@@ -36,7 +36,7 @@ from lejepa_scale.checkpoint import checkpoint_step, complete_checkpoints, resol
 from lejepa_scale.config import Config, ConfigError, from_yaml, load_config, to_yaml
 from lejepa_scale.metrics import configure_logging
 from lejepa_scale.preemption import EXIT_PREEMPTED, Preempted
-from lejepa_scale.slurm_job import CRASH, Attempt, Limits, lost_peer, read_events, record, scontrol
+from lejepa_scale.slurm_job import Attempt, Limits, lost_peer, read_events, record, scontrol
 
 log = logging.getLogger("lejepa_scale.launch")
 
@@ -75,8 +75,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             attempt.begin(world_size=env.world_size, resume_step=newest_step(attempt.run_dir),
                           nodes=os.environ.get("SLURM_JOB_NODELIST"),
                           network_interface=os.environ.get("GLOO_SOCKET_IFNAME"))  # fmt: skip
-        if attempt.node_failures() > self.limits.node_failures:
-            give_up(attempt, self.limits)
+        if attempt.out_of_node_failures(self.limits):
+            sys.exit(1)
         requeue = signal.getsignal(submitit.JobEnvironment._usr_sig())  # submitit's checkpoint + requeue
         try:
             train(cfg, on_hang=lambda reason: attempt.failed(reason, False, self.limits, event="hung"))
@@ -99,15 +99,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         if env.rank == 0:
             attempt.record("finished", step=cfg.train.steps)
         return str(attempt.run_dir)
-
-
-def give_up(attempt: Attempt, limits: Limits) -> None:
-    """More node failures than --max-node-failures: stop, and say so (SLURM requeues a job after a
-    node failure by itself, so the limit is enforced when the job starts again)."""
-    reason = f"{attempt.node_failures()} node failures, more than --max-node-failures {limits.node_failures}"
-    if attempt.claim(CRASH, reason) is not None:
-        attempt.record("failed", reason=reason, requeued=False)
-    sys.exit(1)
 
 
 # -- submission --------------------------------------------------------------------------------------

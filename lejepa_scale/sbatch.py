@@ -52,8 +52,8 @@ def nodes_ready(nodes: int, restart: int) -> bool:
 
 
 class Step:
-    """srun running the trainers, its output relayed, its signals forwarded, and a watch for a task
-    that ended while the step did not."""
+    """srun running the trainers, its output relayed, and a watch for a task that ended while the
+    step did not."""
 
     def __init__(self, command: list[str]):
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
@@ -109,10 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     attempt.begin(world_size=nodes * args.nproc_per_node, resume_step=newest_step(run_dir), path="sbatch",
                   nodes=os.environ.get("SLURM_JOB_NODELIST"),
                   network_interface=os.environ.get("GLOO_SOCKET_IFNAME"))  # fmt: skip
-    if attempt.node_failures() > limits.node_failures:
-        attempt.record(
-            "failed", reason=f"more than --max-node-failures {limits.node_failures}", requeued=False
-        )
+    if attempt.out_of_node_failures(limits):
         sys.exit(1)
     if not nodes_ready(nodes, attempt.restart):
         attempt.failed("a node could not start a task", lost_peer=True, limits=limits)

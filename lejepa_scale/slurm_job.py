@@ -25,7 +25,7 @@ PEER_LOST = re.compile(
     r"connection (reset|closed|refused)|broken pipe|timed out|socket|rendezvous|store", re.I
 )
 LOST_PEER_WAIT = 120  # s at most for SLURM to declare a node failed after a rank lost a peer
-ENDINGS = {"finished", "failed", "hung", "stopped", "node failure", "requeued"}  # an attempt's last word
+ENDINGS = {"finished", "failed", "hung", "stopped", "node failure"}  # an attempt's last word
 
 
 def record(run_dir: Path, event: str, **fields) -> None:
@@ -127,7 +127,12 @@ class Attempt:
                 f.write(f"{kind}\n{details}")
         except FileExistsError:
             return None
-        return sum(p.read_text().split("\n", 1)[0] == kind for p in failures.glob(f"{self.job_id}-*.txt"))
+        return self.count(kind)
+
+    def count(self, kind: str) -> int:
+        """How many of the job's attempts were claimed as `kind` (CRASH or NODE_FAILURE)."""
+        claims = (self.run_dir / "launch" / "failures").glob(f"{self.job_id}-*.txt")
+        return sum(p.read_text().split("\n", 1)[0] == kind for p in claims)
 
     def claimed(self) -> str | None:
         """How this attempt failed, if someone claimed it."""
@@ -146,11 +151,16 @@ class Attempt:
         notes = self.run_dir / "launch" / "notes"
         return {p.suffix[1:]: p.read_text() for p in notes.glob(f"{self.job_id}-{self.restart}.*")}
 
-    def node_failures(self) -> int:
-        failures = self.run_dir / "launch" / "failures"
-        return sum(
-            p.read_text().split("\n", 1)[0] == NODE_FAILURE for p in failures.glob(f"{self.job_id}-*.txt")
-        )
+    def out_of_node_failures(self, limits: Limits) -> bool:
+        """More node failures than --max-node-failures: record that the job stops here (SLURM
+        requeues a job after a node failure by itself, so the limit is enforced at the next start)."""
+        used = self.count(NODE_FAILURE)
+        if used <= limits.node_failures:
+            return False
+        reason = f"{used} node failures, more than --max-node-failures {limits.node_failures}"
+        if self.claim(CRASH, reason) is not None:
+            self.record("failed", reason=reason, requeued=False)
+        return True
 
     def failed(self, reason: str, lost_peer: bool, limits: Limits, event: str = "failed") -> bool:
         """This attempt failed with `reason`: count it as a node failure when SLURM sees one of the
