@@ -2,7 +2,8 @@
 
 Each check runs the real trainer (`python -m lejepa_scale.train`, torchrun where FSDP is needed) on
 synthetic or generated data and prints one row of a pass/fail table; on a GPU the table is appended,
-with the device name, to docs/benchmarks.md. About 8 minutes on one H100/H200 with 16 CPU cores.
+with the device name, to docs/benchmarks.md. Budget 20 minutes on one H100/H200 with 16 CPU cores,
+mostly compiling (the float8 check alone took 3.5 minutes on an H200, 187 s of it the first step).
 
 1. float8 checkpoint: ViT-S/16 with float8 tensorwise and FSDP float8 all-gathers (every block
    weight a torchao subclass): a background (async) checkpoint equals a blocking one of the same
@@ -62,8 +63,8 @@ TINY = [
 class Check:
     """The shapes of one mode: real recipes on a GPU, the tiny ViT demo on CPU."""
 
-    def __init__(self, smoke: bool, out: Path):
-        self.smoke, self.out = smoke, out
+    def __init__(self, smoke: bool, out: Path, logs: Path | None = None):
+        self.smoke, self.out, self.logs = smoke, out, logs
         self.small = "configs/demo_cpu_vit.yaml" if smoke else "configs/vit_s16_imagenette.yaml"
         self.large = "configs/demo_cpu_vit.yaml" if smoke else "configs/vit_l14_in1k.yaml"
         self.sizes = TINY if smoke else []
@@ -84,16 +85,28 @@ class Check:
             capture_output=True,
             text=True,
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            env={**os.environ, "PYTHONPATH": python_path(), **(env or {})},
         )
+        if self.logs:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            (self.logs / f"{run_dir.name}.log").write_text(result.stderr)
         path = run_dir / "metrics.jsonl"
         records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
         return result.returncode, result.stderr, records
 
 
+def python_path() -> str:
+    """The checkout first, then whatever the caller's PYTHONPATH held (packages installed beside)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def failure(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if "Error" in line or "error" in line]
-    return (lines[-1] if lines else stderr[-200:]).strip()[:160]
+    """What a trainer died of: the last exception line of its ranks' tracebacks (not torchrun's
+    ChildFailedError that only says a rank failed), else the end of stderr."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line) for line in stderr.splitlines()]
+    exception = re.compile(r"[\w.]*(Error|Exception)(:|$)")
+    raised = [line for line in lines if exception.match(line) and "ChildFailed" not in line]
+    return (raised[-1] if raised else stderr[-200:]).strip()[:160]
 
 
 def float8_checkpoint(check: Check) -> list[tuple[str, bool, str]]:
@@ -234,6 +247,7 @@ def data_wait(check: Check) -> list[tuple[str, bool, str]]:
         check=True,
         capture_output=True,
         cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": python_path()},
     )
     workers = 2 if check.smoke else 8
     overrides = [
@@ -259,6 +273,7 @@ def main() -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the checks (CI)")
     parser.add_argument("--only", help="comma-separated: float8,syncs,memory,data")
+    parser.add_argument("--logs", type=Path, help="folder for each trainer run's stderr (<run>.log)")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         print("no GPU visible: nothing checked (use --smoke to run the checks on CPU)")
@@ -273,7 +288,7 @@ def main() -> int:
     chosen = args.only.split(",") if args.only else list(checks)
     rows, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        check = Check(args.smoke, Path(scratch))
+        check = Check(args.smoke, Path(scratch), args.logs)
         for name in chosen:
             for row in checks[name](check):
                 rows.append(row)

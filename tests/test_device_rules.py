@@ -18,6 +18,7 @@ from lejepa_scale.build import check_model
 from lejepa_scale.config import ConfigError, load_config
 from lejepa_scale.parallel import cuda_index
 from lejepa_scale.replicas import on_device
+from lejepa_scale.staging import BackgroundStager
 from tests.distributed import run_ranks
 from tests.helpers import DEMO, ENV, ROOT, TINY, run_train, weights
 
@@ -57,6 +58,23 @@ def float8_scales_worker(rank, world_size):
     train_step(model, build_loss(cfg), optimizer, build_scheduler(optimizer, cfg), views, 0,
                torch.autocast("cpu", enabled=False), after_update=float8_scale_update(model))  # fmt: skip
     return len(float8), [p._local_tensor._precomputed_scale is not None for p in float8]
+
+
+@pytest.mark.parametrize("reusable", [True, False])
+def test_every_background_save_copies_that_saves_state_whether_or_not_torch_can_reuse_its_stager(reusable):
+    """torch 2.11's DefaultStager cannot stage twice (pytorch#183413; the first GPU run of gpu_check
+    failed there at the second save): where it cannot, each save gets a new one."""
+    stager = BackgroundStager(reusable)
+    weight, copiers = torch.zeros(64), []
+    for save in range(3):
+        weight.fill_(save)
+        staged = stager.stage({"model": {"weight": weight}, "step": save}).result()
+        weight.fill_(-1)  # the loop's next update: must not reach the copy
+        assert staged["step"] == save
+        assert torch.equal(staged["model"]["weight"], torch.full((64,), float(save)))
+        copiers.append(stager.stager)
+    stager.close()
+    assert len({id(c) for c in copiers}) == (1 if reusable else 3)
 
 
 def test_float8_all_gather_scales_are_precomputed_after_each_update():
