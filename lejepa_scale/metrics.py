@@ -158,13 +158,15 @@ class MetricsLogger:
             alarm = collapse_alarm(metrics)
             if alarm and step >= self.alarm_after and self.enabled:
                 log.warning("step %d: %s", step, alarm)
-        self.log(step, metrics)
+        self.log(step, metrics, read_at=now)
         return metrics
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], read_at: float) -> None:
+        """One record; its time is when the values were read (what throughput is measured between),
+        not when the health metrics after it were done."""
         if not self.enabled:
             return
-        record = {"step": step, "time": round(time.perf_counter() - self.start, 3), **metrics}
+        record = {"step": step, "time": round(read_at - self.start, 3), **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
