@@ -21,9 +21,10 @@ PACKAGES = ("lejepa_scale", "data_pipeline")
 
 class HangWatchdog:
     """A context around the loop: call `beat(step)` after every completed step. When none comes for
-    `timeout` seconds, the watchdog logs the last completed step and where the main thread waits
-    (the collective in flight, if any), runs `on_hang` (e.g. ask SLURM for a requeue) and exits
-    with EXIT_HUNG. `timeout` <= 0 turns it off."""
+    `timeout` seconds of the process running (a suspended job's pause does not count), the watchdog
+    logs the last completed step and where the main thread waits (the collective in flight, if any),
+    runs `on_hang` (e.g. ask SLURM for a requeue) and exits with EXIT_HUNG. `timeout` <= 0 turns it
+    off."""
 
     def __init__(self, timeout: float, on_hang: Callable[[str], None] | None = None):
         self.timeout, self.on_hang = timeout, on_hang
@@ -45,8 +46,16 @@ class HangWatchdog:
         self._stop.set()
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(5.0, self.timeout / 4)):
-            if time.monotonic() - self.last > self.timeout:
+        """Every `interval` s. A wake-up more than an interval late means the whole process was stopped
+        (`scontrol suspend`, gang scheduling, SIGSTOP): that time is not the loop's, and is not counted."""
+        interval = min(5.0, self.timeout / 4)
+        woke = time.monotonic()
+        while not self._stop.wait(interval):
+            now = time.monotonic()
+            if now - woke > 2 * interval:
+                self.last += now - woke - interval
+            woke = now
+            if now - self.last > self.timeout:
                 self._hung()
 
     def _hung(self) -> None:

@@ -70,6 +70,29 @@ def test_a_frozen_peer_is_named_and_the_run_resumes_exactly(tmp_path):
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
+def test_a_suspended_job_is_not_a_hang(tmp_path):
+    """`scontrol suspend` stops every process of the job (SIGSTOP) for as long as SLURM wants: after
+    the resume, the time it was stopped is not counted against train.hang_timeout."""
+    run_dir = tmp_path / "suspended"
+    proc = subprocess.Popen(train_command(run_dir, *COMMON, nproc=2), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "step-00000004").is_dir() and time.time() < deadline:
+            time.sleep(0.05)
+        ranks = [rank_pid(str(run_dir), rank) for rank in (0, 1)]
+        for pid in ranks:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(14)  # over twice train.hang_timeout=6
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "no training step completed" not in stderr, stderr[-2000:]
+    assert len(losses(run_dir)) == 8
+
+
 def test_the_timeout_is_checked_against_a_slow_step_of_the_model():
     """ViT-g/14-like step: 1e15 FLOPs per rank on a 989 TFLOP/s GPU at 5 % MFU ≈ 20 s, plus a 2 GB
     checkpoint share at 100 MB/s = 20 s: the 1800 s default passes, 60 s does not."""
