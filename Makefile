@@ -24,7 +24,7 @@ data:
 demo: env data
 	$(PY) -m lejepa_scale.demo
 
-# Two workers: the two-node SLURM fault tests (mostly waiting on SLURM) beside the rest (tests/conftest.py)
+# Two workers: the SLURM tests, one node then two (mostly waiting on SLURM), beside the rest (tests/conftest.py)
 test: env data
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 

@@ -16,9 +16,9 @@ def gen():
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """Under `pytest -n 2 --dist loadgroup` (make test): the two-node SLURM tests, which mostly wait
-    for SLURM to notice a fault, run on one worker while the rest runs in order on the other (the
-    two SLURM clusters are machine-wide: one worker each)."""
+    """Under `pytest -n 2 --dist loadgroup` (make test): the SLURM tests (one node, then two), which
+    mostly wait for SLURM to start jobs and notice faults, run on one worker while the rest runs in
+    order on the other (each SLURM cluster is machine-wide: only one worker may use it)."""
     for item in items:
-        group = "two_nodes" if item.path.name == "test_nodes.py" else "suite"
+        group = "slurm" if item.path.name in ("test_launch.py", "test_nodes.py") else "suite"
         item.add_marker(pytest.mark.xdist_group(group))

@@ -61,7 +61,9 @@ def wait_gone(job_id: str, timeout: float = 300) -> None:
         if listed.returncode == 0 and not listed.stdout.strip():
             return
         time.sleep(0.5)
-    raise AssertionError(f"job {job_id} still queued after {timeout} s")
+    state = subprocess.run([*CLUSTER, "login", "bash", "-c", f"scontrol show job {job_id}; sinfo -N -l"],
+                           capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)  # fmt: skip
+    raise AssertionError(f"job {job_id} still queued after {timeout} s:\n{state.stdout}{state.stderr}")
 
 
 def link_bytes(node: str, link: str) -> int:
@@ -175,6 +177,7 @@ def submit_both(two_nodes, jobs: list[str], tmp_path: Path, *overrides: str) -> 
     launch = [sys.executable, "-m", "lejepa_scale.launch", "--config", str(DEMO), *JOB]
     launch += ["--network-interface", "ib0", f"run.dir={tmp_path / 'submitit'}"]
     submitit_job = two_nodes("login", *launch, *training).split("submitted job ")[1].split()[0]
+    jobs += [submitit_job, sbatch_job]
     return [
         Run("submitit", submitit_job, tmp_path / "submitit"),
         Run("sbatch", sbatch_job, tmp_path / "sbatch"),
@@ -187,6 +190,20 @@ def wait_for_checkpoint(runs: list[Run], step: int, timeout: float = 300) -> Non
     while not all(newest_step(r.run_dir) >= step for r in runs):
         assert time.time() < deadline, f"no checkpoint {step} after {timeout} s"
         time.sleep(0.2)
+
+
+def together_at_checkpoint(two_nodes, runs: list[Run], step: int, timeout: float = 300) -> None:
+    """Each run suspended (`scontrol suspend`) once it has checkpoint `step`, until every run has it,
+    then all resumed: the two paths start training seconds apart, and a fault must find both at it."""
+    deadline, waiting = time.time() + timeout, list(runs)
+    while waiting:
+        assert time.time() < deadline, f"no checkpoint {step} after {timeout} s: {[r.path for r in waiting]}"
+        for run in [run for run in waiting if newest_step(run.run_dir) >= step]:
+            two_nodes("login", "scontrol", "suspend", run.job_id)
+            waiting.remove(run)
+        time.sleep(0.2)
+    two_nodes("login", "scontrol", "resume", ",".join(run.job_id for run in runs))
+    assert all(newest_step(run.run_dir) < STEPS for run in runs)
 
 
 def outcome(fault: str, run: Run, since: float, reference: Path) -> dict:
@@ -229,7 +246,7 @@ def through_fault(two_nodes, jobs, tmp_path, reference, name, fault, restore=Non
     """Both paths' job, the fault once both have checkpoint 10 (`restore` after `down` s), until
     both finish bit-identical: [(run, its fault-table row)]."""
     runs = submit_both(two_nodes, jobs, tmp_path, *overrides)
-    wait_for_checkpoint(runs, 10)
+    together_at_checkpoint(two_nodes, runs, 10)
     started = time.time()
     two_nodes(*fault)
     if restore:
@@ -278,15 +295,17 @@ def test_a_dead_data_network_is_a_detected_hang_requeued_and_resumed(two_nodes, 
 
 def test_preemption_and_requeue_save_and_resume_on_both_paths(two_nodes, jobs, reference, tmp_path):
     runs = submit_both(two_nodes, jobs, tmp_path)
-    wait_for_checkpoint(runs, 10)
+    together_at_checkpoint(two_nodes, runs, 10)
     preempted = time.time()
     high = ["sbatch", "-p", "high", "-N2", "--exclusive", "--output=/dev/null", "--wrap", "srun hostname"]
     two_nodes("login", *high)
-    requeued = {}
-    for run in runs:  # each as soon as it is past checkpoint 60 again
-        wait_for_checkpoint([run], 60)
-        requeued[run.path] = time.time()
-        two_nodes("login", "scontrol", "requeue", run.job_id)
+    requeued, deadline = {}, time.time() + 300
+    while len(requeued) < len(runs):  # each as soon as it is past checkpoint 60 again
+        assert time.time() < deadline, f"no checkpoint 60 after 300 s: {requeued}"
+        for run in [run for run in runs if run.path not in requeued and newest_step(run.run_dir) >= 60]:
+            requeued[run.path] = time.time()
+            two_nodes("login", "scontrol", "requeue", run.job_id)
+        time.sleep(0.2)
     for run in runs:
         faults = [("preemption (high partition)", preempted), ("scontrol requeue", requeued[run.path])]
         rows = [outcome(fault, run, since, reference) for fault, since in faults]
