@@ -29,6 +29,9 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # The result is written: skip the interpreter's teardown, where a gloo thread still being torn
+    # down once aborted a finished rank ("terminate called without an active exception", SIGABRT).
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int, *args) -> list:
