@@ -2,8 +2,9 @@
 UTS and mount namespaces; one task per node, HSDP with a replica per node): the job trains on both
 launch paths bit for bit like `launch --local 2`, with gloo's traffic on the data network, and it
 gets through a crashed node, a node rebooted behind SLURM's back, a partition, a dead data network,
-a preemption and a requeue. The fault tests run both launch paths at once, through the same fault,
-and print a row per path for docs/benchmarks.md: `pytest tests/test_nodes.py -s`."""
+a preemption and a requeue. The node-fault tests run both launch paths at once, through the same
+fault (the preemption test one path at a time), and print a row per path for docs/benchmarks.md:
+`pytest tests/test_nodes.py -s`."""
 
 from __future__ import annotations
 
