@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch.distributed._tools.mem_tracker import _MemRefType
 
-from lejepa_scale.plan import make_plan, model_shape, view_tokens
+from lejepa_scale.plan import make_plan, model_shape
+from lejepa_scale.training.flops import view_tokens
 from tests.test_plan import measure, tiny
 
 MiB = 2**20

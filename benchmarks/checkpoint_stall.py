@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from lejepa_scale.build import build_loss, build_model, build_optimizer, build_scheduler
-from lejepa_scale.checkpoint import Checkpointer
+from lejepa_scale.checkpointing.checkpoint import Checkpointer
+from lejepa_scale.checkpointing.states import ModelState, OptimizerState
 from lejepa_scale.config import load_config
-from lejepa_scale.rng import RandomState
-from lejepa_scale.states import ModelState, OptimizerState
+from lejepa_scale.training.build import build_loss, build_model, build_optimizer, build_scheduler
+from lejepa_scale.training.rng import RandomState
 
 
 class _Position:

@@ -16,9 +16,15 @@ import time
 
 import torch
 
-from lejepa_scale.build import build_loss, build_model, build_optimizer, build_photometric, build_scheduler
 from lejepa_scale.config import load_config
-from lejepa_scale.step import train_step
+from lejepa_scale.training.build import (
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_photometric,
+    build_scheduler,
+)
+from lejepa_scale.training.step import train_step
 
 
 def main() -> None:

@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lejepa_scale.config import load_config  # noqa: E402
-from lejepa_scale.metrics import peak_tflops  # noqa: E402
-from lejepa_scale.plan import GiB, make_plan, model_shape, step_flops  # noqa: E402
+from lejepa_scale.plan import GiB, make_plan, model_shape  # noqa: E402
+from lejepa_scale.training.metrics import peak_tflops  # noqa: E402
 
 SYNTHETIC = [
     "data.source=digits",
@@ -75,7 +75,7 @@ class Check:
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         command = [
             sys.executable,
-            *(launcher if nproc > 1 or "train.float8=true" in overrides else []),
+            *(launcher if nproc > 1 or "parallel.float8=true" in overrides else []),
             "-m",
             "lejepa_scale.train",
             *args,
@@ -115,8 +115,8 @@ def float8_checkpoint(check: Check) -> list[tuple[str, bool, str]]:
     nproc = 2 if check.smoke else 1
     common = [
         *SYNTHETIC,
-        "train.float8=true",
-        "train.float8_all_gather=true",
+        "parallel.float8=true",
+        "parallel.float8_all_gather=true",
         "train.steps=5",
         "checkpoint.every_steps=2",
         "train.log_every=1",
@@ -211,7 +211,7 @@ def step_and_memory(check: Check) -> list[tuple[str, bool, str]]:
                 continue
             step = (records[2]["time"] - records[1]["time"]) / n
             measured = records[2]["peak_mem_gib"]
-            mfu = f", MFU {100 * step_flops(cfg) / step / 1e12 / peak:.1f}%" if peak else ""
+            mfu = f", MFU {100 * plan.flops_per_step / step / 1e12 / peak:.1f}%" if peak else ""
             ok = check.smoke or measured * GiB <= 1.1 * plan.total  # CPU peak is the process RSS
             rows.append(
                 (

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lejepa_scale.config import load_config  # noqa: E402
-from lejepa_scale.metrics import peak_tflops  # noqa: E402
-from lejepa_scale.plan import GiB, make_plan, model_shape, step_flops  # noqa: E402
+from lejepa_scale.plan import GiB, make_plan, model_shape  # noqa: E402
+from lejepa_scale.training.metrics import peak_tflops  # noqa: E402
 
 RECIPES = {"ViT-H/14": "configs/vit_h14_in1k.yaml", "ViT-g/14": "configs/vit_g14_in1k_16nodes.yaml"}
 SMOKE = {"tiny ViT (CPU)": "configs/demo_cpu_vit.yaml"}
@@ -87,7 +87,7 @@ def main() -> int:
     )
     for (name, recipe), ac, compiled, float8 in grid:
         overrides = [f"parallel.activation_checkpointing={ac}", f"parallel.compile={compiled == 'on'}",
-                     f"train.float8={float8 == 'on'}"]  # fmt: skip
+                     f"parallel.float8={float8 == 'on'}"]  # fmt: skip
         if args.smoke:
             overrides += ["train.device=cpu", "train.batch_size=16", "loss.num_slices=64"]
         cfg = load_config(ROOT / recipe, ["run.dir=x", *SYNTHETIC, *overrides])
@@ -100,7 +100,7 @@ def main() -> int:
             cells += [f"failed: {result['error']}", "", "", "", f"{plan.total / GiB:.1f} GiB"]
         else:
             step = result["step_s"]
-            mfu = f"{100 * step_flops(cfg) / step / 1e12 / peak:.1f}%" if peak else "–"
+            mfu = f"{100 * plan.flops_per_step / step / 1e12 / peak:.1f}%" if peak else "–"
             cells += [f"{step * 1e3:.0f} ms", f"{cfg.train.batch_size / step:.1f}", mfu,
                       f"{result['peak_gib']:.1f} GiB", f"{plan.total / GiB:.1f} GiB"]  # fmt: skip
         print("| " + " | ".join(map(str, cells)) + " |", flush=True)

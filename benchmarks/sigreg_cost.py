@@ -16,9 +16,9 @@ import time
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from lejepa_scale.model import LeJEPAModel
-from lejepa_scale.objective import LeJEPALoss
-from lejepa_scale.sigreg import SIGReg
+from lejepa_scale.method.model import LeJEPAModel
+from lejepa_scale.method.objective import LeJEPALoss
+from lejepa_scale.method.sigreg import SIGReg
 
 
 def median_seconds(fn, repeats: int) -> float:

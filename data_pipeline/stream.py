@@ -244,10 +244,18 @@ class ShardViews:
             self.epoch, self.batch = self.epoch + 1, 0
         self.corrupt_total = int(state.get("corrupt_total", 0))
 
-    def restart_epoch(self, epoch: int) -> None:
-        """Start `epoch` again from its first batch (a resume at another world size, where the
-        position within the epoch does not map)."""
-        self.epoch, self.batch = epoch, 0
+    def load_from_other_world(self, saved: dict[str, int], world_size: int, step: int) -> None:
+        """Resume from a position saved by `world_size` ranks: the position within an epoch does not
+        map to another rank count, so the saved epoch starts again from its first batch."""
+        self.epoch, self.batch = int(saved["epoch"]), 0
+        if self.rank == 0:
+            log.warning(
+                "the data position of step %d was saved by %d ranks and this job has %d: epoch %d restarts "
+                "from its first batch, and the %d samples it had already used (%d batches x %d ranks of %d) "
+                "are seen again", step, world_size, self.world_size, self.epoch,
+                int(saved["batch"]) * world_size * self.batch_size, int(saved["batch"]), world_size,
+                self.batch_size,
+            )  # fmt: skip
 
     def __iter__(self) -> Iterator[ViewBatch]:
         stream = _Stream(

@@ -100,9 +100,6 @@ class TrainConfig:
     control_every: int = 10  # steps between the ranks' agreements on preemption and time-based saves
     hang_timeout: float = 1800.0  # s without a completed step: log where it waits, exit 4 (0: off)
     sync_debug: bool = False  # CUDA: error on any host sync in a step that does not log
-    float8: bool = False  # float8 matmuls in the blocks' Linears (torchao; GPUs of capability 8.9+)
-    float8_recipe: str = "tensorwise"  # tensorwise (with float8 FSDP all-gathers) | rowwise
-    float8_all_gather: bool | None = None  # tensorwise: FSDP gathers weights in float8 (None: on GPUs)
 
 
 @dataclass
@@ -126,6 +123,9 @@ class ParallelConfig:
     compile: bool = False  # torch.compile each block
     reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3) or keep (ZeRO-2)
     timeout: float = 30.0  # minutes a collective may wait before it fails (init_process_group's timeout)
+    float8: bool = False  # float8 matmuls in the blocks' Linears (torchao; GPUs of capability 8.9+)
+    float8_recipe: str = "tensorwise"  # tensorwise (with float8 FSDP all-gathers) | rowwise
+    float8_all_gather: bool | None = None  # tensorwise: FSDP gathers weights in float8 (None: on GPUs)
 
 
 @dataclass
@@ -148,7 +148,9 @@ class LogConfig:
 
 
 @dataclass
-class EvalConfig:
+class DemoConfig:
+    """The demo's frozen-feature probe (`python -m lejepa_scale.demo`; `evaluate` takes flags)."""
+
     probe_train_size: int = 10000  # labelled images the frozen-feature probe trains on (0: all)
     probe_test_size: int = 0  # 0: the whole test split
     probe_epochs: int = 100
@@ -169,7 +171,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def _validate(cfg: Config) -> None:
@@ -217,8 +219,8 @@ def _validate(cfg: Config) -> None:
         ),
         (cfg.optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0: no clipping)"),
         (
-            cfg.train.float8_recipe in ("tensorwise", "rowwise"),
-            "train.float8_recipe",
+            cfg.parallel.float8_recipe in ("tensorwise", "rowwise"),
+            "parallel.float8_recipe",
             "must be tensorwise or rowwise",
         ),
         (cfg.train.control_every >= 1, "train.control_every", "must be >= 1"),
@@ -249,17 +251,24 @@ def _validate(cfg: Config) -> None:
 # Keys that moved, old -> new: a recipe or override still using an old key fails with the new name;
 # configs saved by older runs (run dirs, checkpoints) are read with their keys moved.
 MOVED = {
-    f"views.{name}": f"views.photometric.{name}"
-    for name in (
-        "jitter_p",
-        "brightness",
-        "contrast",
-        "saturation",
-        "hue",
-        "grayscale_p",
-        "blur_p",
-        "solarize_p",
-    )
+    **{
+        f"views.{name}": f"views.photometric.{name}"
+        for name in (
+            "jitter_p",
+            "brightness",
+            "contrast",
+            "saturation",
+            "hue",
+            "grayscale_p",
+            "blur_p",
+            "solarize_p",
+        )  # fmt: skip
+    },
+    **{f"train.{name}": f"parallel.{name}" for name in ("float8", "float8_recipe", "float8_all_gather")},
+    **{
+        f"eval.{name}": f"demo.{name}"
+        for name in ("probe_train_size", "probe_test_size", "probe_epochs", "probe_lr", "batch_size")
+    },
 }
 
 
@@ -340,10 +349,12 @@ def from_yaml(text: str) -> Config:
     keys that have moved since it was saved are moved."""
     saved = OmegaConf.create(text)
     for old, new in MOVED.items():
-        value = OmegaConf.select(saved, old)
-        if value is not None:
-            OmegaConf.update(saved, new, value)
-            del saved[old.split(".")[0]][old.split(".")[1]]
+        section, key = old.split(".")
+        if isinstance(saved.get(section), DictConfig) and key in saved[section]:
+            OmegaConf.update(saved, new, saved[section][key])
+            del saved[section][key]
+            if not saved[section] and section not in Config.__dataclass_fields__:  # a section that moved
+                del saved[section]
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
     except OmegaConfBaseException as e:

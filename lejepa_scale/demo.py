@@ -20,14 +20,15 @@ import torch
 
 from data_pipeline.builtin import load_builtin
 from data_pipeline.views import normalize
-from lejepa_scale.build import build_model, check_model
-from lejepa_scale.checkpoint import checkpoint_step, complete_checkpoints, load_model_weights
+from lejepa_scale.checkpointing.checkpoint import checkpoint_step, complete_checkpoints, load_model_weights
 from lejepa_scale.config import Config, ConfigError, load_config
-from lejepa_scale.metrics import configure_logging
-from lejepa_scale.parallel import init_distributed
-from lejepa_scale.probe import extract_features, linear_probe
+from lejepa_scale.distributed.process_groups import init_distributed
+from lejepa_scale.evaluation.features import extract, in_batches
+from lejepa_scale.evaluation.probes import linear_probe
+from lejepa_scale.logging_setup import configure_logging
 from lejepa_scale.report import learning_curve_plot
 from lejepa_scale.train import train
+from lejepa_scale.training.build import build_model, check_model
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
 log = logging.getLogger("lejepa_scale.demo")
@@ -38,8 +39,8 @@ class Prober:
 
     def __init__(self, cfg: Config):
         data = load_builtin(cfg.data.source, cfg.data.root)
-        n_train = cfg.eval.probe_train_size or len(data.train_images)
-        n_test = cfg.eval.probe_test_size or len(data.test_images)
+        n_train = cfg.demo.probe_train_size or len(data.train_images)
+        n_test = cfg.demo.probe_test_size or len(data.test_images)
         subset = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.run.seed))
         self.train = data.train_images[subset[:n_train]], data.train_labels[subset[:n_train]]
         self.test = data.test_images[:n_test], data.test_labels[:n_test]
@@ -55,12 +56,12 @@ class Prober:
                 return x.flatten(1)
             return normalize(x.expand(-1, 3, -1, -1), cfg.views.mean, cfg.views.std)
 
-        feats = [
-            extract_features(encode, x, batch_size=cfg.eval.batch_size, device=self.device, prepare=prepare)
-            for x in (self.train[0], self.test[0])
-        ]
-        result = linear_probe(feats[0], self.train[1], feats[1], self.test[1], epochs=cfg.eval.probe_epochs,
-                              lr=cfg.eval.probe_lr, seed=cfg.run.seed)  # fmt: skip
+        (train_x, _), (test_x, _) = (
+            extract(encode, in_batches(*split, cfg.demo.batch_size), self.device, prepare)
+            for split in (self.train, self.test)
+        )
+        result = linear_probe(train_x, self.train[1], test_x, self.test[1], epochs=cfg.demo.probe_epochs,
+                              lr=cfg.demo.probe_lr, seed=cfg.run.seed)  # fmt: skip
         log.info("%s probe: top-1 %.4f (%.0f s)", name, result.top1, time.perf_counter() - t0)
         return {"top1": result.top1, "top5": result.top5}
 

@@ -19,125 +19,18 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from data_pipeline.labelled import labelled_images, seeded_subset
 from data_pipeline.views import normalize
-from lejepa_scale.metrics import configure_logging
-from lejepa_scale.parallel import init_distributed
+from lejepa_scale.checkpointing.safe_loading import CheckpointError
+from lejepa_scale.distributed.process_groups import init_distributed
+from lejepa_scale.evaluation.features import extract, feature_fn
+from lejepa_scale.evaluation.probes import few_shot, knn_classify, linear_probe
+from lejepa_scale.logging_setup import configure_logging
 from lejepa_scale.pretrained import load_run
-from lejepa_scale.probe import ProbeResult, linear_probe
-from lejepa_scale.safe_loading import CheckpointError
 
 log = logging.getLogger("lejepa_scale.evaluate")
-
-
-def feature_fn(backbone: torch.nn.Module, kind: str):
-    """(encode, the feature it gives). cls2: the CLS tokens of the last two layers, concatenated
-    (the official protocol, with the probe's LayerNorm); cls: the last layer's CLS; mean: the mean
-    of the last layer's patch tokens. A backbone without a CLS token (a CNN) gives `mean` (of its
-    last feature map) for every kind, and says so."""
-    prefix = getattr(backbone, "num_prefix_tokens", 0)
-    has_cls = getattr(backbone, "cls_token", None) is not None
-
-    def last_layer(x: torch.Tensor) -> torch.Tensor:
-        tokens = backbone.forward_features(x)
-        if kind == "mean" or not has_cls:
-            return tokens[:, prefix:].mean(1) if tokens.dim() == 3 else tokens.mean((2, 3))
-        return tokens[:, 0]
-
-    def last_two(x: torch.Tensor) -> torch.Tensor:
-        layers = backbone.forward_intermediates(
-            x, indices=2, norm=True, return_prefix_tokens=True, intermediates_only=True, output_fmt="NLC"
-        )
-        return torch.cat([prefix_tokens[:, 0] for _, prefix_tokens in layers], dim=1)
-
-    if not has_cls:
-        return last_layer, "mean (no CLS token)" if kind != "mean" else "mean"
-    if kind == "cls2":
-        if not hasattr(backbone, "forward_intermediates"):
-            name = type(backbone).__name__
-            raise ValueError(f"--feature cls2 needs timm's forward_intermediates ({name} lacks it): use cls")
-        return last_two, "cls2"
-    return last_layer, kind
-
-
-@torch.no_grad()
-def extract(encode, batches, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
-    """Features and labels of this rank's images, gathered on rank 0 (None elsewhere) as tensors on
-    the device (what NCCL sends), padded to the largest share, then moved to the host on rank 0."""
-    feats, labels = [], []
-    for images, y in batches:
-        feats.append(encode(normalize(images.to(device), mean, std)).float())  # pageable: a plain copy
-        labels.append(y.to(device))
-    if not dist.is_initialized():
-        return torch.cat(feats).cpu(), torch.cat(labels).cpu()
-    shape = torch.tensor([sum(len(y) for y in labels), feats[0].shape[1] if feats else 0], device=device)
-    shapes = [torch.zeros_like(shape) for _ in range(dist.get_world_size())]
-    dist.all_gather(shapes, shape)  # each rank's image count and feature width
-    counts = [int(n) for n, _ in shapes]
-    width, most = max(int(d) for _, d in shapes), max(counts)
-    local_x = torch.zeros(most, width, device=device)
-    local_y = torch.full((most,), -1, dtype=torch.long, device=device)
-    if feats:
-        local_x[: counts[dist.get_rank()]] = torch.cat(feats)
-        local_y[: counts[dist.get_rank()]] = torch.cat(labels)
-    main = dist.get_rank() == 0
-    all_x = [torch.empty_like(local_x) for _ in counts] if main else None
-    all_y = [torch.empty_like(local_y) for _ in counts] if main else None
-    dist.gather(local_x, all_x, dst=0)
-    dist.gather(local_y, all_y, dst=0)
-    if not main:
-        return None
-    return (
-        torch.cat([x[:n] for x, n in zip(all_x, counts, strict=True)]).cpu(),
-        torch.cat([y[:n] for y, n in zip(all_y, counts, strict=True)]).cpu(),
-    )
-
-
-def few_shot(features: torch.Tensor, labels: torch.Tensor, shots: int, seed: int = 0):
-    """`shots` images per class, drawn with a fixed seed."""
-    gen = torch.Generator().manual_seed(seed)
-    keep = [
-        idx[torch.randperm(len(idx), generator=gen)[:shots]]
-        for c in labels.unique()
-        for idx in [torch.nonzero(labels == c).flatten()]
-    ]
-    keep = torch.cat(keep).sort().values
-    return features[keep], labels[keep]
-
-
-# -- probes ------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def knn_classify(
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    *,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk: int = 1024,
-) -> ProbeResult:
-    """Weighted k-NN on cosine similarity: each of the k nearest training features votes for its
-    class with weight exp(similarity / temperature) (DINO's protocol)."""
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    train_n = F.normalize(train_x.float(), dim=1)
-    k = min(k, len(train_x))
-    top1 = top5 = 0
-    for start in range(0, len(test_x), chunk):
-        query = F.normalize(test_x[start : start + chunk].float(), dim=1)
-        sims, idx = (query @ train_n.T).topk(k, dim=1)
-        votes = torch.zeros(len(query), num_classes).scatter_add_(1, train_y[idx], (sims / temperature).exp())
-        ranked = votes.topk(min(5, num_classes), dim=1).indices
-        truth = test_y[start : start + chunk].unsqueeze(1)
-        top1 += int((ranked[:, :1] == truth).sum())
-        top5 += int((ranked == truth).any(1).sum())
-    return ProbeResult(top1=top1 / len(test_x), top5=top5 / len(test_x))
 
 
 def evaluate(args: argparse.Namespace) -> dict | None:
@@ -149,9 +42,10 @@ def evaluate(args: argparse.Namespace) -> dict | None:
     mean, std = cfg.views.mean, cfg.views.std
     t0 = time.perf_counter()
     train_data = labelled_images(args.train, "train", size, env.rank, env.world_size, args.max_train)
-    train = extract(encode, train_data, mean, std, env.device)
+    prepare = lambda images: normalize(images, mean, std)  # noqa: E731
+    train = extract(encode, train_data, env.device, prepare)
     val_data = labelled_images(args.val, "val", size, env.rank, env.world_size, args.max_val)
-    val = extract(encode, val_data, mean, std, env.device)
+    val = extract(encode, val_data, env.device, prepare)
     if not env.is_main:
         return None
     (train_x, train_y), (val_x, val_y) = train, val

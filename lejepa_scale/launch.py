@@ -16,13 +16,11 @@ import argparse
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -31,23 +29,16 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.shards import shard_paths
-from lejepa_scale.build import check_model
-from lejepa_scale.checkpoint import checkpoint_step, complete_checkpoints, resolve_checkpoint
+from lejepa_scale.checkpointing.checkpoint import newest_step, resolve_checkpoint
+from lejepa_scale.cluster.attempts import Attempt, Limits, lost_peer, record
+from lejepa_scale.cluster.executor import network_environment, sbatch_script, slurm_executor
+from lejepa_scale.cluster.preemption import EXIT_PREEMPTED, Preempted
+from lejepa_scale.cluster.status import print_status, run_status
 from lejepa_scale.config import Config, ConfigError, from_yaml, load_config, to_yaml
-from lejepa_scale.metrics import configure_logging
-from lejepa_scale.preemption import EXIT_PREEMPTED, Preempted
-from lejepa_scale.slurm_job import Attempt, Limits, lost_peer, read_events, record, scontrol
+from lejepa_scale.logging_setup import configure_logging
+from lejepa_scale.training.build import check_model
 
 log = logging.getLogger("lejepa_scale.launch")
-
-# -- what happened to a run, in its run dir ----------------------------------------------------------
-
-
-def newest_step(run_dir: Path) -> int:
-    """The step the trainer will resume from (0 for a fresh run)."""
-    done = complete_checkpoints(Path(run_dir) / "checkpoints")
-    return checkpoint_step(done[-1]) if done else 0
-
 
 # -- the job every task runs -------------------------------------------------------------------------
 
@@ -104,21 +95,6 @@ class TrainJob(submitit.helpers.Checkpointable):
 # -- submission --------------------------------------------------------------------------------------
 
 
-def parse_time(text: str) -> int:
-    """SLURM's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in minutes."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
-    if not match:
-        raise ConfigError(f"--time {text!r}: use a SLURM time such as 72:00:00 or 3-00:00:00")
-    days, a, b, c = (int(x) if x else None for x in match.groups())
-    if days is not None:  # D-HH[:MM[:SS]]
-        minutes = days * 1440 + a * 60 + (b or 0) + (c or 0) / 60
-    elif c is not None:  # HH:MM:SS
-        minutes = a * 60 + b + c / 60
-    else:  # MM[:SS]
-        minutes = a + (b or 0) / 60
-    return max(1, round(minutes))
-
-
 def check_launchable(cfg: Config, world_size: int, gpus_per_node: int) -> None:
     """What load_config cannot know: the world size, the model timm builds, the device."""
     if world_size % cfg.parallel.dp_replicate:
@@ -148,93 +124,6 @@ def missing_inputs(cfg: Config) -> list[str]:
         except Exception as e:
             problems.append(f"checkpoint.load_from: {e}")
     return problems
-
-
-class LaunchExecutor(submitit.SlurmExecutor):
-    """submitit's executor, whose batch script gets one line after its srun: when the step ended
-    with no word from the trainers (srun killed them all on losing a node), `slurm_job` counts and
-    requeues it instead of leaving the job FAILED."""
-
-    after_step: str = ""
-
-    def _make_submission_file_text(self, command: str, uid: str) -> str:
-        return super()._make_submission_file_text(command, uid) + self.after_step
-
-
-class SbatchPreview(LaunchExecutor):
-    """A LaunchExecutor that is only asked for its sbatch text, so it needs no SLURM on this machine
-    (a dry run on a laptop or a CI box)."""
-
-    @classmethod
-    def affinity(cls) -> int:
-        return 1
-
-
-def slurm_executor(
-    args: argparse.Namespace,
-    cfg: Config,
-    folder: Path,
-    kind: type[LaunchExecutor] = LaunchExecutor,
-) -> LaunchExecutor:
-    executor = kind(folder=folder, max_num_timeout=args.max_timeouts)
-    limits = f"{args.max_retries} {args.max_node_failures}"
-    executor.after_step = (
-        "\n# lejepa_scale: a step that ended with no word from its trainers (a node lost) is requeued here\n"
-        f"{shlex.quote(sys.executable)} -m lejepa_scale.slurm_job {shlex.quote(cfg.run.dir)} $? {limits}\n"
-    )
-    executor.update_parameters(
-        job_name=cfg.run.name,
-        nodes=args.nodes,
-        ntasks_per_node=args.tasks_per_node,
-        gpus_per_node=args.gpus_per_node or None,
-        cpus_per_task=args.cpus_per_task,
-        mem=f"{args.mem_gb}GB" if args.mem_gb is not None else None,
-        time=parse_time(args.time),
-        signal_delay_s=args.signal_delay,
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
-        constraint=args.constraint,
-        exclude=args.exclude,
-        additional_parameters={"requeue": True, "open-mode": "append"},
-        setup=[
-            # srun does not inherit --cpus-per-task from the allocation since Slurm 22.05
-            'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi',
-            # one trivial task per node, retried while a node cannot start tasks yet (a slurmd still
-            # registering), once per restart so the trainers' step id is new (lejepa_scale/sbatch.py)
-            "for start in $(seq 0 ${SLURM_RESTART_COUNT:-0}); do for try in 1 2 3; do"
-            " srun --ntasks-per-node=1 --cpus-per-task=1 true && break; sleep 10; done; done",
-            *(
-                f"export {name}={value}"
-                for name, value in network_environment(args.network_interface).items()
-            ),
-        ],
-    )
-    return executor
-
-
-def network_environment(interface: str | None) -> dict[str, str]:
-    """The network interface gloo (CPU training, checkpoints, control) and NCCL use between nodes;
-    on nodes with several interfaces they may otherwise pick one the other nodes cannot reach."""
-    return {"GLOO_SOCKET_IFNAME": interface, "NCCL_SOCKET_IFNAME": interface} if interface else {}
-
-
-def sbatch_script(args: argparse.Namespace, cfg: Config, folder: Path) -> str:
-    """The sbatch file submitit would write, without touching the run dir or needing SLURM, with
-    what each task runs spelled out above it (submitit's `_submit` line unpickles the job)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        executor = slurm_executor(args, cfg, Path(scratch), SbatchPreview)
-        text = executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
-    shebang, rest = text.replace(scratch, str(folder)).split("\n", 1)
-    training = " ".join(["python -m lejepa_scale.train", *(["--config", args.config] if args.config else []),
-                         *args.overrides])  # fmt: skip
-    about = [
-        "# lejepa_scale: each task runs the equivalent of",
-        f"#   {training}",
-        f"# on the resolved config (stored in the job, written to {cfg.run.dir}/config.yaml), joining",
-        "# the process group from SLURM's environment; submitit's _submit line below runs it.",
-    ]
-    return "\n".join([shebang, *about, rest])
 
 
 def run_local(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
@@ -294,89 +183,6 @@ def submit(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
-
-
-# -- status ------------------------------------------------------------------------------------------
-
-
-FAILURES = ("failed", "hung", "node failure")
-ENDED_BY_SLURM = ("FAILED", "NODE_FAIL", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
-
-
-def job_state(job_id: str) -> dict[str, str]:
-    """SLURM's word on a job (JobState, Reason, ExitCode): scontrol while the controller knows it,
-    else sacct."""
-    (job,) = scontrol("job", job_id) or [{}]
-    if "JobState" in job:
-        return {k: job[k] for k in ("JobState", "Reason", "ExitCode") if k in job}
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", job_id],
-                         capture_output=True, text=True)  # fmt: skip
-    rows = [
-        line.split("|") for line in out.stdout.splitlines() if "|" in line and not line.startswith("State")
-    ]
-    if out.returncode == 0 and rows:
-        return {"JobState": rows[-1][0], "ExitCode": rows[-1][-1]}
-    return {"JobState": "UNKNOWN (no longer known to SLURM)"}
-
-
-def run_status(run_dir: Path) -> dict:
-    events = read_events(run_dir)
-    submitted = [e for e in events if e["event"] == "submitted"]
-    started = [e for e in events if e["event"] == "start" and e.get("job_id")]  # sbatch jobs: no "submitted"
-    job_id = submitted[-1]["job_id"] if submitted else started[-1]["job_id"] if started else None
-    done = complete_checkpoints(run_dir / "checkpoints")
-    metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    last = json.loads(lines[-1]) if lines else None
-    ours = [e for e in events if e.get("job_id") == job_id and ("local" in e) == (job_id is None)]
-    local = [e["local"] for e in ours if e["event"] == "start" and "local" in e]
-    slurm = job_state(job_id) if job_id and shutil.which("scontrol") else {}
-    state = slurm.get("JobState")
-    ended_by_slurm = state in ENDED_BY_SLURM and not any(e["event"] == "finished" for e in ours)
-    return {
-        "run_dir": str(run_dir),
-        "job_id": job_id,
-        "local": local[-1] if local else None,
-        "state": state,
-        "slurm": slurm,
-        "starts": sum(e["event"] == "start" for e in ours),
-        "failures": [
-            f"{e['event']}: {e['reason']}" for e in ours if e["event"] in ("failed", "hung", "node failure")
-        ],
-        "node_failures": sum(e["event"] == "node failure" for e in ours),
-        "checkpoint": {"path": str(done[-1]), "step": checkpoint_step(done[-1])} if done else None,
-        "last_logged": {k: last[k] for k in ("step", "loss") if k in last} if last else None,
-        "resume_with": submitted[-1].get("command") if ended_by_slurm and submitted else None,
-    }
-
-
-def print_status(status: dict) -> None:
-    ckpt, last, slurm = status["checkpoint"], status["last_logged"], status["slurm"]
-    said = ", ".join(f"{k} {v}" for k, v in slurm.items() if k != "JobState" and v not in ("None", "(null)"))
-    rows = [
-        ("run dir", status["run_dir"]),
-        (
-            "job",
-            f"{status['job_id']} {status['state'] or ''}{f' ({said})' if said else ''}"
-            if status["job_id"]
-            else f"local run (--local {status['local']}), not submitted"
-            if status["local"]
-            else "never run",
-        ),
-        ("starts", f"{status['starts']} (1 + requeues; {status['node_failures']} after node failures)"),
-        ("failures", "; ".join(status["failures"]) or "none"),
-        ("checkpoint", f"step {ckpt['step']} ({ckpt['path']})" if ckpt else "none complete"),
-        (
-            "last logged",
-            f"step {last['step']}, loss {last.get('loss', float('nan')):.4f}" if last else "nothing",
-        ),
-    ]
-    if status["resume_with"]:
-        step = ckpt["step"] if ckpt else 0
-        rows.append(("ended", f"SLURM ended the job ({status['state']}) before training finished"))
-        rows.append(("to resume", f"{status['resume_with']}   (continues from step {step})"))
-    for name, value in rows:
-        print(f"{name:>12}: {value}")
 
 
 # -- command line ------------------------------------------------------------------------------------

@@ -18,8 +18,7 @@ sharding over `shard` ranks (the GPUs of a node under HSDP, all GPUs under FSDP)
   its four matmuls and of GPU attention; CPU attention is recomputed, so on CPU it keeps D less);
 * a fixed allowance for the CUDA context and allocator fragmentation (`--reserve`).
 
-FLOPs are model FLOPs of forward + backward (3 x forward, recomputation excluded): per block
-2 x tokens x (matmul parameters) + 4 x tokens² x D for attention, plus patch embedding and projector.
+FLOPs come from the trainer's FLOPs model (`lejepa_scale.training.flops`).
 """
 
 from __future__ import annotations
@@ -30,75 +29,17 @@ from dataclasses import dataclass
 
 import torch
 
-from lejepa_scale.build import build_model
 from lejepa_scale.config import Config, ConfigError, load_config
+from lejepa_scale.training.build import build_model
+from lejepa_scale.training.flops import ModelShape, flops_per_sample, view_tokens
 
 GiB = 2**30
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    params: int
-    block_params: int
-    depth: int
-    width: int
-    mlp_hidden: int
-    patch: int
-    prefix_tokens: int
-    proj_hidden: int
-    proj_dim: int
-    proj_embed: int
-
-
 def model_shape(cfg: Config) -> ModelShape:
-    """The recipe's model, built on the meta device (no memory); ValueError if it is not a ViT."""
+    """The recipe's model shape, built on the meta device (no memory); ValueError if not a ViT."""
     with torch.device("meta"):
-        model = build_model(cfg)
-    backbone = model.backbone
-    if not hasattr(backbone, "blocks") or not hasattr(backbone.blocks[0], "mlp"):
-        raise ValueError(
-            f"the planner models ViT backbones (timm VisionTransformer); {cfg.model.name} is not one"
-        )
-    block = backbone.blocks[0]
-    return ModelShape(
-        params=sum(p.numel() for p in model.parameters()),
-        block_params=sum(p.numel() for p in block.parameters()),
-        depth=len(backbone.blocks),
-        width=backbone.embed_dim,
-        mlp_hidden=block.mlp.fc1.out_features,
-        patch=backbone.patch_embed.patch_size[0],
-        prefix_tokens=backbone.num_prefix_tokens,
-        proj_hidden=cfg.model.proj_hidden_dim,
-        proj_dim=cfg.model.proj_dim,
-        proj_embed=cfg.model.proj_embed_dim,
-    )
-
-
-def view_tokens(shape: ModelShape, cfg: Config) -> list[tuple[int, int]]:
-    """(views, tokens per view) for the global and the local crops."""
-    out = [(cfg.views.n_global, (cfg.views.global_size // shape.patch) ** 2 + shape.prefix_tokens)]
-    if cfg.views.n_local:
-        out.append((cfg.views.n_local, (cfg.views.local_size // shape.patch) ** 2 + shape.prefix_tokens))
-    return out
-
-
-def flops_per_sample(shape: ModelShape, cfg: Config) -> float:
-    """Model FLOPs of forward + backward for one image (all its views)."""
-    d, h = shape.width, shape.mlp_hidden
-    block_matmul = 4 * d * d + 2 * d * h  # qkv (3 d²), projection (d²), MLP (2 d h)
-    total = 0.0
-    for views, tokens in view_tokens(shape, cfg):
-        patches = tokens - shape.prefix_tokens
-        block = 2 * tokens * block_matmul + 4 * tokens * tokens * d
-        embed = 2 * patches * 3 * shape.patch**2 * d
-        into_mlp = (
-            d * shape.proj_embed + shape.proj_embed * shape.proj_hidden
-            if shape.proj_embed
-            else d * shape.proj_hidden
-        )
-        projector = 2 * (into_mlp + shape.proj_hidden**2 + shape.proj_hidden * shape.proj_dim)
-        total += views * (shape.depth * block + embed + projector)
-    return 3 * total
+        return ModelShape.of(build_model(cfg), cfg)
 
 
 def activation_bytes(
@@ -129,14 +70,6 @@ def activation_bytes(
     largest = max(views * t for views, t in per_view) * batch
     recompute = largest * (per_token - op_token if ac == "op" else per_token if checkpointed else 0.0)
     return saved, recompute
-
-
-def step_flops(cfg: Config) -> float | None:
-    """Model FLOPs of one training step on one rank (forward + backward); None for non-ViT models."""
-    try:
-        return flops_per_sample(model_shape(cfg), cfg) * cfg.train.batch_size
-    except ValueError:
-        return None
 
 
 @dataclass

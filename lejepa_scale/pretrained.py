@@ -9,18 +9,18 @@ import json
 import sys
 from pathlib import Path
 
-from lejepa_scale.build import build_model
-from lejepa_scale.checkpoint import load_model_weights, read_meta, resolve_checkpoint
-from lejepa_scale.config import Config, from_yaml
-from lejepa_scale.model import LeJEPAModel
-from lejepa_scale.safe_loading import CheckpointError
+from lejepa_scale.checkpointing.checkpoint import load_model_weights, resolve_checkpoint, stored_config
+from lejepa_scale.checkpointing.safe_loading import CheckpointError
+from lejepa_scale.config import Config
+from lejepa_scale.method.model import LeJEPAModel
+from lejepa_scale.training.build import build_model
 
 
 def load_run(checkpoint: str | Path, random_init: bool = False) -> tuple[LeJEPAModel, Config, Path]:
     """The model of a checkpoint (a run dir: its newest complete one), built from the config stored
     in it, or the same architecture at its random initialisation; with the config and the step dir."""
     step_dir = resolve_checkpoint(checkpoint)
-    cfg = from_yaml(read_meta(step_dir)["config"])
+    cfg = stored_config(step_dir)
     model = build_model(cfg)
     if not random_init:
         load_model_weights(step_dir, model)

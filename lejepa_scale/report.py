@@ -24,7 +24,7 @@ from scipy.stats import spearmanr  # noqa: E402
 
 from data_pipeline.labelled import labelled_images  # noqa: E402
 from data_pipeline.views import normalize  # noqa: E402
-from lejepa_scale.health import COLLAPSE_PER_SAMPLE, GAUSSIAN_LEVEL  # noqa: E402
+from lejepa_scale.method.health import COLLAPSE_PER_SAMPLE, GAUSSIAN_LEVEL  # noqa: E402
 from lejepa_scale.pretrained import load_run  # noqa: E402
 
 

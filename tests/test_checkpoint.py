@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lejepa_scale.preemption import EXIT_PREEMPTED
-from lejepa_scale.safe_loading import CheckpointError, load_tensors
+from lejepa_scale.checkpointing.safe_loading import CheckpointError, load_tensors
+from lejepa_scale.cluster.preemption import EXIT_PREEMPTED
 from tests.distributed import run_ranks
 from tests.helpers import ENV, ROOT, TINY, TINY_VIT, losses, run_train, train_command, weights
 
@@ -185,22 +185,20 @@ def test_export_loads_into_timm_with_matching_outputs(tmp_path):
     import timm
     from safetensors.torch import load_file, safe_open
 
-    from lejepa_scale.build import build_model
     from lejepa_scale.config import load_config
+    from lejepa_scale.training.build import build_model
 
     run(tmp_path, 2, "train.steps=2", "checkpoint.every_steps=0")  # sharded over 2 ranks
     out = tmp_path / "backbone.safetensors"
-    for module in ("lejepa_scale.pretrained", "lejepa_scale.checkpoint"):  # the second: the old name
-        result = subprocess.run(
-            [sys.executable, "-m", module, "export", str(tmp_path), "--out", str(out)],
-            capture_output=True,
-            text=True,
-            env=ENV,
-            cwd=ROOT,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-    assert "moved to `python -m lejepa_scale.pretrained export`" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "lejepa_scale.pretrained", "export", str(tmp_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     backbone = timm.create_model(meta["timm_model"], num_classes=0, **json.loads(meta["timm_kwargs"])).eval()
@@ -253,18 +251,19 @@ def test_resume_at_another_world_size_reshards_and_continues(tmp_path, before, a
 
 
 def hsdp_save_and_restart_worker(rank, world_size, folder):
-    from lejepa_scale.build import (
+    from lejepa_scale.checkpointing.replicas import replica_share
+    from lejepa_scale.checkpointing.safe_loading import SafeReader
+    from lejepa_scale.checkpointing.states import ModelState, OptimizerState
+    from lejepa_scale.config import load_config
+    from lejepa_scale.distributed.parallel import full_state_dict
+    from lejepa_scale.distributed.process_groups import init_distributed
+    from lejepa_scale.training.build import (
         build_checkpointer,
         build_loss,
         build_optimizer,
         build_parallel_model,
         build_scheduler,
     )
-    from lejepa_scale.config import load_config
-    from lejepa_scale.parallel import full_state_dict, init_distributed
-    from lejepa_scale.replicas import replica_share
-    from lejepa_scale.safe_loading import SafeReader
-    from lejepa_scale.states import ModelState, OptimizerState
 
     overrides = [f"run.dir={folder}", TINY_VIT, "parallel.dp_replicate=2", "train.precision=fp32",
                  "loss.num_slices=64"]  # fmt: skip

@@ -59,6 +59,10 @@ def test_renamed_keys_name_their_new_place(tmp_path):
     with pytest.raises(ConfigError, match=r"views\.hue is now views\.photometric\.hue"):
         load_config(recipe)
     assert load_config(None, ["run.dir=x", "views.photometric.blur_p=0.1"]).views.photometric.blur_p == 0.1
+    with pytest.raises(ConfigError, match=r"train\.float8 is now parallel\.float8"):
+        load_config(None, ["run.dir=x", "train.float8=true"])
+    with pytest.raises(ConfigError, match=r"eval\.probe_epochs is now demo\.probe_epochs"):
+        load_config(None, ["run.dir=x", "eval.probe_epochs=3"])
 
 
 def test_configs_saved_before_the_rename_still_load():
@@ -66,6 +70,9 @@ def test_configs_saved_before_the_rename_still_load():
     saved = "run:\n  dir: x\nviews:\n  blur_p: 0.25\n  flip_p: 0.4\n"
     cfg = from_yaml(saved)
     assert cfg.views.photometric.blur_p == 0.25 and cfg.views.flip_p == 0.4
+    saved = "run: {dir: x}\ntrain: {float8: true, float8_all_gather: null}\neval: {probe_epochs: 3}\n"
+    cfg = from_yaml(saved)
+    assert cfg.parallel.float8 and cfg.parallel.float8_all_gather is None and cfg.demo.probe_epochs == 3
 
 
 def test_shards_with_a_built_in_source_is_an_error_naming_data_source():

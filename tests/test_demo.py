@@ -18,9 +18,9 @@ def test_short_demo_run_completes_and_writes_metrics(tmp_path):
         "train.log_every=1",
         "optim.warmup_steps=2",
         "loss.num_slices=64",
-        "eval.probe_train_size=256",
-        "eval.probe_test_size=256",
-        "eval.probe_epochs=2",
+        "demo.probe_train_size=256",
+        "demo.probe_test_size=256",
+        "demo.probe_epochs=2",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

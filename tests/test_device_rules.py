@@ -14,15 +14,15 @@ from torch.utils.data._utils.pin_memory import pin_memory
 
 from data_pipeline.in_memory import InMemoryViews
 from data_pipeline.views import CropSpec, ViewBatch
-from lejepa_scale.build import check_model
+from lejepa_scale.checkpointing.replicas import on_device
+from lejepa_scale.checkpointing.staging import BackgroundStager
 from lejepa_scale.config import ConfigError, load_config
-from lejepa_scale.parallel import cuda_index
-from lejepa_scale.replicas import on_device
-from lejepa_scale.staging import BackgroundStager
+from lejepa_scale.distributed.process_groups import cuda_index
+from lejepa_scale.training.build import check_model
 from tests.distributed import run_ranks
 from tests.helpers import DEMO, ENV, ROOT, TINY, run_train, weights
 
-FLOAT8 = [*TINY, "train.float8=true", "train.float8_all_gather=true", "train.log_every=1"]
+FLOAT8 = [*TINY, "parallel.float8=true", "parallel.float8_all_gather=true", "train.log_every=1"]
 
 
 def test_a_float8_async_checkpoint_holds_the_live_weights_and_loads_without_torchao(tmp_path):
@@ -45,9 +45,10 @@ def test_a_float8_async_checkpoint_holds_the_live_weights_and_loads_without_torc
 
 
 def float8_scales_worker(rank, world_size):
-    from lejepa_scale.build import build_loss, build_optimizer, build_parallel_model, build_scheduler
-    from lejepa_scale.parallel import float8_scale_update, init_distributed, is_float8_weight
-    from lejepa_scale.step import train_step
+    from lejepa_scale.distributed.float8 import float8_scale_update, is_float8_weight
+    from lejepa_scale.distributed.process_groups import init_distributed
+    from lejepa_scale.training.build import build_loss, build_optimizer, build_parallel_model, build_scheduler
+    from lejepa_scale.training.step import train_step
 
     cfg = load_config(DEMO, ["run.dir=x", *FLOAT8, "train.precision=fp32"])
     env = init_distributed("cpu")
@@ -87,7 +88,7 @@ def test_float8_token_counts_that_scaled_mm_refuses_fail_at_config_time(batch, o
     """ViT-g/14 at 224 px: 257 tokens per view, so 2 global views x B images x 257 must be a
     multiple of 16 (B a multiple of 8); the planner's suggestions 29, 50, 54 are not."""
     recipe = "configs/vit_g14_in1k_16nodes.yaml"
-    cfg = load_config(recipe, ["run.dir=x", "train.float8=true", f"train.batch_size={batch}"])
+    cfg = load_config(recipe, ["run.dir=x", "parallel.float8=true", f"train.batch_size={batch}"])
     if ok:
         check_model(cfg)
     else:
@@ -116,14 +117,14 @@ def test_batches_are_pinned_contiguous_on_both_sources(monkeypatch):
 def extraction_worker(rank, world_size):
     from torch.distributed import distributed_c10d
 
-    from lejepa_scale.evaluate import extract
+    from lejepa_scale.evaluation.features import extract
 
     pickled = []
     original = distributed_c10d._object_to_tensor
     distributed_c10d._object_to_tensor = lambda *a, **k: pickled.append(1) or original(*a, **k)
     share = rank * 3 + 2  # unequal shares: 2 and 5 images
     batches = [(torch.full((share, 3, 8, 8), float(rank)), torch.full((share,), rank))]
-    result = extract(lambda x: x.mean((2, 3)), batches, (0.0,) * 3, (1.0,) * 3, torch.device("cpu"))
+    result = extract(lambda x: x.mean((2, 3)), batches, torch.device("cpu"), lambda x: x)
     return result, len(pickled)
 
 
@@ -162,8 +163,8 @@ def test_the_gpu_acceptance_command_passes_its_cpu_smoke_run():
 
 
 def mesh_worker(rank, world_size):
-    from lejepa_scale.build import build_checkpointer, build_mesh, build_parallel_model, build_swa
-    from lejepa_scale.parallel import init_distributed
+    from lejepa_scale.distributed.process_groups import init_distributed
+    from lejepa_scale.training.build import build_checkpointer, build_mesh, build_parallel_model, build_swa
 
     overrides = [*TINY, "parallel.dp_replicate=2", "model.swa_target=true", "checkpoint.enabled=false"]
     cfg = load_config(DEMO, ["run.dir=/tmp/unused", *overrides])
@@ -189,8 +190,8 @@ def test_sync_debug_covers_the_step_and_leaves_the_planned_syncs_out(tmp_path, m
     from contextlib import contextmanager
 
     from lejepa_scale import train as trainer
-    from lejepa_scale.checkpoint import Checkpointer
-    from lejepa_scale.metrics import MetricsLogger
+    from lejepa_scale.checkpointing.checkpoint import Checkpointer
+    from lejepa_scale.training.metrics import MetricsLogger
 
     regions, inside, planned = [], [False], []
 
@@ -209,7 +210,7 @@ def test_sync_debug_covers_the_step_and_leaves_the_planned_syncs_out(tmp_path, m
         return call
 
     monkeypatch.setattr(trainer, "host_syncs_fail", recorded)
-    monkeypatch.setattr(trainer, "any_rank", outside("control", trainer.any_rank))
+    monkeypatch.setattr(Checkpointer, "agree", outside("control", Checkpointer.agree))
     monkeypatch.setattr(Checkpointer, "save", outside("save", Checkpointer.save))
     monkeypatch.setattr(MetricsLogger, "log_step", outside("log", MetricsLogger.log_step))
     schedule = ["train.steps=6", "train.log_every=3", "checkpoint.every_steps=2", "train.control_every=4"]

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.views import normalize
 from lejepa_scale import evaluate
-from lejepa_scale.evaluate import few_shot, knn_classify
+from lejepa_scale.evaluation.features import extract, feature_fn
+from lejepa_scale.evaluation.probes import few_shot, knn_classify
 from lejepa_scale.pretrained import load_run
 from tests.helpers import ENV, TINY, run_train
 from tests.image_tree import class_tree_and_shards
@@ -60,7 +62,7 @@ def test_the_default_protocol_is_the_official_one_and_cls_keeps_the_plain_probe(
     """Default: CLS of the last two layers, LayerNorm + Linear, AdamW wd 1e-6, warm-up then cosine.
     `--feature cls --warmup-epochs 0` is the plain probe on the last layer's CLS, number for number."""
     from data_pipeline.labelled import labelled_images
-    from lejepa_scale.probe import linear_probe
+    from lejepa_scale.evaluation.probes import linear_probe
 
     data = images / "folder"
     common = ["--checkpoint", tiny_run, "--train", data, "--val", data, "--probe", "linear"]
@@ -74,17 +76,18 @@ def test_the_default_protocol_is_the_official_one_and_cls_keeps_the_plain_probe(
         *common, "--epochs", 5, "--feature", "cls", "--warmup-epochs", 0, "--out", tmp_path / "cls.json"
     )
     model, cfg, _ = load_run(tiny_run)
-    encode, _ = evaluate.feature_fn(model.backbone, "cls")
+    encode, _ = feature_fn(model.backbone, "cls")
     (x, y), = list(labelled_images(str(data), "train", cfg.views.global_size))  # fmt: skip
-    feats = evaluate.extract(encode, [(x, y)], cfg.views.mean, cfg.views.std, torch.device("cpu"))[0]
+    prepare = lambda images: normalize(images, cfg.views.mean, cfg.views.std)  # noqa: E731
+    feats = extract(encode, [(x, y)], torch.device("cpu"), prepare)[0]
     plain = linear_probe(feats, y, feats, y, epochs=5, lr=1e-2, batch_size=256)
     assert json.loads((tmp_path / "cls.json").read_text())["linear"]["top1"] == plain.top1
 
 
 def test_a_cnn_says_its_feature_is_the_mean(tmp_path):
-    from lejepa_scale.model import create_backbone
+    from lejepa_scale.method.model import create_backbone
 
-    encode, name = evaluate.feature_fn(create_backbone("resnet10t", img_size=32).eval(), "cls")
+    encode, name = feature_fn(create_backbone("resnet10t", img_size=32).eval(), "cls")
     assert name == "mean (no CLS token)" and encode(torch.randn(2, 3, 32, 32)).shape == (2, 512)
 
 
@@ -124,7 +127,7 @@ def test_feature_kinds_and_few_shot(tiny_run, images, tmp_path):
     data = images / "folder"
     for feature, dim in (("cls", 64), ("cls2", 128), ("mean", 64)):
         backbone = load_run(tiny_run)[0].backbone
-        encode, name = evaluate.feature_fn(backbone, feature)
+        encode, name = feature_fn(backbone, feature)
         assert encode(torch.randn(2, 3, 24, 24)).shape == (2, dim) and name == feature
     out = tmp_path / "few.json"
     run_evaluate("--checkpoint", tiny_run, "--train", data, "--val", data, "--shots", 2, "--feature", "cls2",

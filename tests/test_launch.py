@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lejepa_scale.launch import main, parse_time
+from lejepa_scale.cluster.executor import parse_time
+from lejepa_scale.launch import main
 from tests.helpers import DEMO, ENV, ROOT, losses, tiny_job
 
 STEPS = 80

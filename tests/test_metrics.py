@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lejepa_scale.health import collapse_alarm, effective_rank, embedding_health
-from lejepa_scale.metrics import wandb_mode
-from lejepa_scale.objective import LeJEPALoss
-from lejepa_scale.sigreg import SIGReg
+from lejepa_scale.method.health import collapse_alarm, effective_rank, embedding_health
+from lejepa_scale.method.objective import LeJEPALoss
+from lejepa_scale.method.sigreg import SIGReg
+from lejepa_scale.training.metrics import wandb_mode
 from tests.helpers import ENV, TINY, metrics, run_train
 
 LOGGED = [*TINY, "train.log_every=1", "log.health_every=2", "checkpoint.every_steps=2"]

@@ -1,6 +1,6 @@
 import torch
 
-from lejepa_scale.model import LeJEPAModel, create_backbone
+from lejepa_scale.method.model import LeJEPAModel, create_backbone
 
 
 def test_vit_gigantic_on_meta_has_1_84b_parameters():
@@ -48,9 +48,9 @@ def test_projector_embedding_width():
 
 
 def test_the_online_probe_starts_from_the_run_seed_on_every_rank():
-    from lejepa_scale.build import build_probe
     from lejepa_scale.config import load_config
-    from lejepa_scale.parallel import DistEnv
+    from lejepa_scale.distributed.process_groups import DistEnv
+    from lejepa_scale.training.build import build_probe
 
     cfg = load_config("configs/demo_cpu.yaml", ["run.dir=x"])
     env = DistEnv(0, 1, 0, torch.device("cpu"))

@@ -21,6 +21,7 @@ from data_pipeline import convert
 from data_pipeline.labelled import labelled_images
 from data_pipeline.shards import resolve_classes, resolve_shards, split_manifests
 from lejepa_scale import demo, evaluate, launch, plan, pretrained, report, train
+from lejepa_scale.cluster.attempts import read_events
 from lejepa_scale.config import ConfigError, load_config
 from lejepa_scale.report import spatial_grid
 from tests.helpers import DEMO, ENV, ROOT, TINY, run_train
@@ -267,7 +268,7 @@ def test_a_local_run_is_recorded_and_a_finished_rerun_says_where_its_outputs_are
         ).returncode
         == 0
     )
-    events = [e["event"] for e in launch.read_events(run)]
+    events = [e["event"] for e in read_events(run)]
     assert events == ["start", "finished"]
     status = cli(launch.main, "status", run).stdout
     assert "local run (--local 1), not submitted" in status and "starts: 1" in status

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lejepa_scale.launch import newest_step
+from lejepa_scale.checkpointing.checkpoint import newest_step
 from tests.helpers import DEMO, ENV, ROOT, losses, tiny_job, weights
 
 CLUSTER = ["bash", str(ROOT / "slurm/local/two_nodes.sh")]

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lejepa_scale.objective import LeJEPALoss
-from lejepa_scale.sigreg import SIGReg
+from lejepa_scale.method.objective import LeJEPALoss
+from lejepa_scale.method.sigreg import SIGReg
 
 
 def embeddings(gen, n_global=2, n_local=4, n=64, k=16):

@@ -11,11 +11,18 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from lejepa_scale.build import build_loss, build_model, build_optimizer, build_parallel_model, build_scheduler
 from lejepa_scale.config import load_config
-from lejepa_scale.model import LeJEPAModel
-from lejepa_scale.parallel import DistEnv, full_state_dict, init_distributed, parallelize
-from lejepa_scale.step import train_step
+from lejepa_scale.distributed.parallel import full_state_dict, parallelize
+from lejepa_scale.distributed.process_groups import DistEnv, init_distributed
+from lejepa_scale.method.model import LeJEPAModel
+from lejepa_scale.training.build import (
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_parallel_model,
+    build_scheduler,
+)
+from lejepa_scale.training.step import train_step
 from tests.distributed import run_ranks
 from tests.helpers import metrics, run_train
 
@@ -134,7 +141,7 @@ def test_compile_and_clipping_on_two_ranks_equal_single_process_and_float8_stays
     variants = [
         ("compiled", ["parallel.compile=true"], None),
         ("clipped", ["optim.clip_grad=0.01"], None),
-        ("float8", ["train.float8=true"], None),  # torchao's emulation on CPU
+        ("float8", ["parallel.float8=true"], None),  # torchao's emulation on CPU
     ]
     results = run_ranks(ranks_worker, 2, variants)
     reference = single_process(2)
@@ -175,7 +182,7 @@ def vit_g_init_worker(rank, world_size):
     with torch.device("meta"):
         full = LeJEPAModel("vit_gigantic_patch14_224", proj_hidden_dim=64, proj_dim=16)
     total = sum(p.numel() for p in full.backbone.parameters())
-    from lejepa_scale.parallel import apply_fsdp
+    from lejepa_scale.distributed.parallel import apply_fsdp
 
     apply_fsdp(full, mesh, "bf16", "fp32", True)
     local = sum(p.to_local().numel() for p in full.backbone.parameters())

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
-from lejepa_scale.build import build_loss, build_model, build_optimizer, build_scheduler
 from lejepa_scale.config import load_config
-from lejepa_scale.plan import flops_per_sample, largest_batch, main, make_plan, model_shape, view_tokens
+from lejepa_scale.plan import largest_batch, main, make_plan, model_shape
+from lejepa_scale.training.build import build_loss, build_model, build_optimizer, build_scheduler
+from lejepa_scale.training.flops import flops_per_sample, view_tokens
 
 GiB = 2**30
 
@@ -32,7 +33,7 @@ def tiny(*overrides):
 
 def measure(cfg, ac: str):
     """Peak memory by category over the second training step (AdamW states exist by then)."""
-    from lejepa_scale.parallel import apply_activation_checkpointing
+    from lejepa_scale.distributed.parallel import apply_activation_checkpointing
 
     torch.manual_seed(0)
     model = build_model(cfg)

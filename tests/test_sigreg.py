@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lejepa_scale.sigreg import SIGReg, epps_pulley
+from lejepa_scale.method.sigreg import SIGReg, epps_pulley
 
 
 def epps_pulley_numpy(
@@ -100,7 +100,7 @@ def test_lean_gradcheck_float64():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-5)])
 def test_lean_equals_naive(dtype, tol, monkeypatch):
-    import lejepa_scale.sigreg as sigreg_module
+    import lejepa_scale.method.sigreg as sigreg_module
 
     monkeypatch.setattr(sigreg_module, "_LEAN_BLOCK_ELEMENTS", 4096)  # force many chunks
     proj = torch.randn(3, 257, 32, dtype=dtype)

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import lejepa_scale.sigreg as sigreg_module
-from lejepa_scale.sigreg import SIGReg
+import lejepa_scale.method.sigreg as sigreg_module
+from lejepa_scale.method.sigreg import SIGReg
 from tests.distributed import run_ranks
 
 DIM_IN, DIM_OUT, SLICES, STEP = 12, 8, 64, 5

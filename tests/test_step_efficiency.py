@@ -5,9 +5,9 @@ multi-resolution forward against per-size passes."""
 import pytest
 import torch
 
-from lejepa_scale.build import build_loss, build_model, build_parallel_model
 from lejepa_scale.config import load_config
-from lejepa_scale.parallel import init_distributed
+from lejepa_scale.distributed.process_groups import init_distributed
+from lejepa_scale.training.build import build_loss, build_model, build_parallel_model
 from tests.counting import StepCounts
 from tests.distributed import run_ranks
 from tests.helpers import DEMO, TINY, TINY_VIT, losses, run_train
@@ -28,20 +28,22 @@ COUNTED = [
 
 def counting_worker(rank, world_size, run_dir, overrides):
     from lejepa_scale import train as trainer
+    from lejepa_scale.checkpointing.checkpoint import Checkpointer
+    from lejepa_scale.training import step as step_module
 
     cfg = load_config(DEMO, [f"run.dir={run_dir}", *overrides])
     counts, control_steps = StepCounts(), []
-    train_step, any_rank = trainer.train_step, trainer.any_rank
+    train_step, agree = step_module.train_step, Checkpointer.agree
 
     def marked_step(*args, **kwargs):
         counts.mark()
         return train_step(*args, **kwargs)
 
-    def marked_control(*flags):
+    def marked_control(self, *flags):
         control_steps.append(len(counts.intervals))
-        return any_rank(*flags)
+        return agree(self, *flags)
 
-    trainer.train_step, trainer.any_rank = marked_step, marked_control
+    step_module.train_step, Checkpointer.agree = marked_step, marked_control
     with counts:
         trainer.train(cfg)
     return counts.per_step(1, 11), control_steps
@@ -110,10 +112,10 @@ def test_one_call_per_block_under_fsdp_on_two_ranks():
 
 
 def test_float8_run_resumes_exactly_and_keeps_checkpoint_keys(tmp_path):
-    """train.float8 on 2 gloo ranks (torchao's emulation): it trains, saves the usual keys, resumes."""
+    """parallel.float8 on 2 gloo ranks (torchao's emulation): it trains, saves the usual keys, resumes."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    common = [*TINY, "train.float8=true", "train.log_every=1", "checkpoint.every_steps=2"]
+    common = [*TINY, "parallel.float8=true", "train.log_every=1", "checkpoint.every_steps=2"]
     run_train(tmp_path / "straight", *common, "train.steps=3", nproc=2)
     run_train(tmp_path / "resumed", *common, "train.steps=2", nproc=2)
     run_train(tmp_path / "resumed", *common, "train.steps=3", nproc=2)

@@ -3,10 +3,17 @@ of the model's weights after each step; a resumed run continues with the same av
 
 import torch
 
-from lejepa_scale.build import build_loss, build_optimizer, build_parallel_model, build_scheduler, build_swa
 from lejepa_scale.config import load_config
-from lejepa_scale.parallel import full_state_dict, init_distributed
-from lejepa_scale.step import train_step
+from lejepa_scale.distributed.parallel import full_state_dict
+from lejepa_scale.distributed.process_groups import init_distributed
+from lejepa_scale.training.build import (
+    build_loss,
+    build_optimizer,
+    build_parallel_model,
+    build_scheduler,
+    build_swa,
+)
+from lejepa_scale.training.step import train_step
 from tests.distributed import run_ranks
 from tests.helpers import DEMO, TINY, TINY_VIT, losses, run_train
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lejepa_scale.watchdog import EXIT_HUNG, slow_step_seconds, timeout_too_short
+from lejepa_scale.cluster.watchdog import EXIT_HUNG, slow_step_seconds, timeout_too_short
 from tests.helpers import ENV, ROOT, TINY, losses, run_train, train_command, weights
 
 COMMON = [*TINY, "train.steps=8", "checkpoint.every_steps=2", "train.log_every=1", "train.hang_timeout=6"]

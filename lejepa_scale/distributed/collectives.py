@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lejepa_scale.distributed.process_groups import control_group
+
 
 class _AllReduceSum(torch.autograd.Function):
     """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradient."""
@@ -43,16 +45,6 @@ def default_group() -> dist.ProcessGroup | None:
     return None
 
 
-_CONTROL_GROUP = None
-
-
-def _control_group() -> dist.ProcessGroup:
-    global _CONTROL_GROUP
-    if _CONTROL_GROUP is None:  # created in lockstep: every rank reaches its first call together
-        _CONTROL_GROUP = dist.new_group(backend="gloo")
-    return _CONTROL_GROUP
-
-
 def from_rank0(value):
     """Rank 0's `value` on every rank (through the CPU control group): one rank decides what the
     file system says (which checkpoint is the newest, whether one exists), so ranks whose view of a
@@ -60,7 +52,7 @@ def from_rank0(value):
     if not dist.is_initialized():
         return value
     box = [value]
-    dist.broadcast_object_list(box, group=_control_group(), group_src=0)
+    dist.broadcast_object_list(box, group=control_group(), group_src=0)
     return box[0]
 
 
@@ -71,5 +63,5 @@ def any_rank(*flags: bool) -> list[bool]:
     if not dist.is_initialized():
         return list(flags)
     packed = torch.tensor([int(f) for f in flags])
-    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=_control_group())
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=control_group())
     return [bool(v) for v in packed.tolist()]

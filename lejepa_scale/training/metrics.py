@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lejepa_scale.health import collapse_alarm, embedding_health
-from lejepa_scale.objective import LossParts
+from lejepa_scale.method.health import collapse_alarm, embedding_health
+from lejepa_scale.method.objective import LossParts
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,3 @@ def throughput(
 def scaled_loss(loss: float, lam: float, alpha: float) -> float:
     """loss / lam**alpha: the paper's label-free signal that tracks linear-probe accuracy across runs."""
     return loss / lam**alpha if lam > 0 else float("nan")
-
-
-def configure_logging() -> None:
-    """The console format of every entry point (train, launch jobs, evaluate, demo)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)

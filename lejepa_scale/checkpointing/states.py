@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from lejepa_scale.parallel import plain_tensor
+from lejepa_scale.distributed.float8 import plain_tensor
+from lejepa_scale.distributed.parallel import local_shard
 
 
 class ModelState(Stateful):
@@ -40,8 +41,9 @@ class ModelState(Stateful):
 
     def finite(self) -> bool:
         """Whether this rank's shards of the parameters are all finite (one host read)."""
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]
-        return bool(torch.stack([torch.isfinite(p).all() for p in local]).all())
+        return bool(
+            torch.stack([torch.isfinite(local_shard(p)).all() for p in self.model.parameters()]).all()
+        )
 
 
 class OptimizerState(Stateful):

@@ -1,10 +1,10 @@
-"""`python -m lejepa_scale.sbatch CONFIG [key=value ...]`: the body of slurm/train.sbatch, in the batch
-step on the job's first node. It runs one torchrun per node with srun and decides, like the submitit
-path, what happens when that ends: finished; stopped by USR2 (time limit) or by the trainers' own
-preemption save → requeue; a hang or a crash → requeue within --max-retries; a failed node → requeue
-within --max-node-failures; each recorded in `<run.dir>/launch.jsonl`. A step whose task ended while
-another node no longer answers (crashed and rebooted before SLURM noticed) is cancelled instead of
-waited on until the time limit."""
+"""`python -m lejepa_scale.cluster.sbatch CONFIG [key=value ...]`: the body of slurm/train.sbatch,
+in the batch step on the job's first node. It runs one torchrun per node with srun and decides, like
+the submitit path, what happens when that ends: finished; stopped by USR2 (time limit) or by the
+trainers' own preemption save → requeue; a hang or a crash → requeue within --max-retries; a failed
+node → requeue within --max-node-failures; each recorded in `<run.dir>/launch.jsonl`. A step whose
+task ended while another node no longer answers (crashed and rebooted before SLURM noticed) is
+cancelled instead of waited on until the time limit."""
 
 from __future__ import annotations
 
@@ -20,35 +20,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lejepa_scale.checkpointing.checkpoint import newest_step
+from lejepa_scale.cluster.attempts import Attempt, Limits, failed_nodes
+from lejepa_scale.cluster.preemption import EXIT_PREEMPTED
+from lejepa_scale.cluster.preflight import nodes_ready
 from lejepa_scale.config import ConfigError, load_config
-from lejepa_scale.launch import newest_step
-from lejepa_scale.metrics import configure_logging
-from lejepa_scale.preemption import EXIT_PREEMPTED
-from lejepa_scale.slurm_job import Attempt, Limits, failed_nodes
+from lejepa_scale.logging_setup import configure_logging
 
-log = logging.getLogger("lejepa_scale.sbatch")
+log = logging.getLogger("lejepa_scale.cluster.sbatch")
 
 TASK_ENDED = re.compile(r"^srun: .*(task \d+: \w+|Terminating StepId=(\d+\.\d+))")
 STEP_GRACE = 30  # s after a task ended for srun to end the step (it signals the others; KillWait)
-PREFLIGHT_TRIES = 3
-
-
-def nodes_ready(nodes: int, restart: int) -> bool:
-    """One trivial task per node before the trainers: a node that cannot start tasks yet (a slurmd
-    still registering, a credential revoked late) is retried here, not found out by the trainers.
-    Once per restart: step ids start at 0 again when SLURM restarts a job, and a signal SLURM still
-    retries for the previous start's step N would stop this start's step N; so the trainers' step
-    gets id restart + 1, which no earlier start used."""
-    probe = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--cpus-per-task=1", "true"]
-    for _ in range(restart + 1):
-        tries = 0
-        while subprocess.run(probe).returncode != 0:
-            tries += 1
-            log.warning("a node could not start a task (try %d/%d)", tries, PREFLIGHT_TRIES)
-            if tries == PREFLIGHT_TRIES:
-                return False
-            time.sleep(10)
-    return True
 
 
 class Step:
@@ -90,7 +72,9 @@ class Step:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lejepa_scale.sbatch", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m lejepa_scale.cluster.sbatch", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--nproc-per-node", type=int, default=int(os.environ.get("NPROC_PER_NODE", 0))

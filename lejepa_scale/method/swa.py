@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
-from lejepa_scale.model import LeJEPAModel
-from lejepa_scale.states import ModelState
+from lejepa_scale.checkpointing.states import ModelState
+from lejepa_scale.distributed.parallel import local_shard
+from lejepa_scale.method.model import LeJEPAModel
 
 
 def _local(tensors) -> list[torch.Tensor]:
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return [local_shard(t) for t in tensors]
 
 
 class WeightAverage:

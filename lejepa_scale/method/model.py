@@ -12,7 +12,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from lejepa_scale.collectives import all_reduce_sum, default_group
+from lejepa_scale.distributed.collectives import all_reduce_sum, default_group
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lejepa_scale.collectives import all_reduce_sum, default_group
+from lejepa_scale.distributed.collectives import all_reduce_sum, default_group
 
 Integration = Literal["half", "symmetric"]
 

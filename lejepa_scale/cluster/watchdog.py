@@ -94,8 +94,11 @@ def waiting_in(frames: traceback.StackSummary) -> str:
     """The collective in flight (the innermost torch.distributed call on the stack) and the project
     line that issued it; else the innermost project line."""
     ours = [f for f in frames if any(f"{os.sep}{pkg}{os.sep}" in f.filename for pkg in PACKAGES)]
-    path = Path(ours[-1].filename) if ours else None
-    caller = f"{path.parent.name}/{path.name}:{ours[-1].lineno}" if ours else "?"
+    caller = "?"
+    if ours:  # the path from the package down, e.g. lejepa_scale/distributed/collectives.py
+        parts = Path(ours[-1].filename).parts
+        top = max(i for i, part in enumerate(parts) if part in PACKAGES)
+        caller = f"{'/'.join(parts[top:])}:{ours[-1].lineno}"
     collectives = [f for f in frames if f.filename.endswith("distributed_c10d.py")]
     if collectives:
         return f"torch.distributed.{collectives[-1].name} (called from {caller})"

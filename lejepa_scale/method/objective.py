@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lejepa_scale.sigreg import SIGReg
+from lejepa_scale.method.sigreg import SIGReg
 
 
 @dataclass

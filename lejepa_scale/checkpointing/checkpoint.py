@@ -27,11 +27,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
-from lejepa_scale.collectives import any_rank, from_rank0
-from lejepa_scale.replicas import broadcast_from_first_replica, replica_groups, replica_share
-from lejepa_scale.safe_loading import CheckpointError, load_tensors
-from lejepa_scale.staging import stager_for
-from lejepa_scale.states import ModelState
+from lejepa_scale.checkpointing.replicas import broadcast_from_first_replica, replica_share
+from lejepa_scale.checkpointing.safe_loading import CheckpointError, load_tensors
+from lejepa_scale.checkpointing.staging import stager_for
+from lejepa_scale.checkpointing.states import ModelState
+from lejepa_scale.config import Config, ConfigError, ModelConfig, from_yaml
+from lejepa_scale.distributed.collectives import any_rank, from_rank0
+from lejepa_scale.distributed.process_groups import new_checkpoint_group, replica_groups
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class Checkpointer:
         device: torch.device | str = "cpu",
         replica: tuple[int, int] = (0, 1),
         replicate_group=None,
+        staging_wait_every_step: bool = False,
     ):
         if keep_last < 2:
             raise ValueError("checkpoint.keep_last must be >= 2 (the newest may still be in flight)")
@@ -98,9 +101,10 @@ class Checkpointer:
         self.every_steps, self.every_minutes = every_steps, every_minutes
         self.keep_last, self.keep_every, self.async_save = keep_last, keep_every, async_save
         self.enabled = enabled  # False: saves nothing, finds nothing
+        self.staging_wait_every_step = staging_wait_every_step  # train.sync_debug: the copy's syncs here
         self.rank = _rank()
         # DCP's background writes run their own collectives: keep them off the training group
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.group = new_checkpoint_group()
         self.in_flight: tuple[int, Any] | None = None
         self.staging: Any = None  # future of the background copy of the in-flight save
         self.device = torch.device(device)
@@ -178,6 +182,35 @@ class Checkpointer:
             self.in_flight = (step, response.upload_completion)
         self.last_save_time = time.monotonic()
 
+    def after_step(self, step: int, *, last: bool, control: bool, stop_requested: bool) -> bool:
+        """The save rules once `step` (counted from 0) has completed: a save when the step rule asks
+        (before the agreement, so a preemption right now completes that save instead of writing
+        another); at control steps one agreement across ranks on whether any rank was asked to stop
+        (then the preemption save: returns True), whether a clock says a save is due (the time
+        rule) and whether every rank has written the background save (then it is completed); with
+        `staging_wait_every_step`, the wait for the background copy, outside the checked step."""
+        saved = not last and self.due(step + 1)
+        if saved:
+            self.save(step + 1)
+        if control:
+            stop, overdue, busy = self.agree(stop_requested)
+            if not busy:
+                self.finish()
+            if stop:
+                self.save_before_exit(step + 1)
+                return True
+            if overdue and not (last or saved):
+                self.save(step + 1)
+        if self.staging_wait_every_step:
+            self.wait_for_staging()
+        return False
+
+    def agree(self, stop_requested: bool) -> tuple[bool, bool, bool]:
+        """One packed collective on the CPU control group: whether any rank was asked to stop,
+        whether any rank's clock says the time rule is due, whether any rank still writes the
+        background save."""
+        return tuple(any_rank(stop_requested, self.overdue(), self.busy()))
+
     def save_before_exit(self, step: int) -> None:
         """On preemption, within SLURM's KillWait: nothing when a complete checkpoint of `step`
         exists, the in-flight save when it is of `step` (it finishes first), else a blocking save.
@@ -227,19 +260,49 @@ class Checkpointer:
 
     # -- loading -----------------------------------------------------------------------------------
 
+    def resume(self, model: ModelConfig, load_from: str | None = None, load_model_only: bool = True) -> int:
+        """Continue from this run's newest complete checkpoint, else start from `load_from` (another
+        run or step dir: its weights, or with `load_model_only=False` its whole state), else from
+        scratch; a checkpoint of another model (the keys of `model` that `check_same_model` reads) is
+        refused. Returns the first step to run. A checkpoint written at another world size is
+        resharded exactly; each per-rank state continues as its `load_from_other_world` says."""
+        latest = self.latest()
+        if latest is not None:
+            check_same_model(model, latest)
+            meta = self.load(latest)
+            self.meta.update({k: v for k, v in meta.items() if k not in ("step", "world_size")})
+            return int(meta["step"])
+        if not load_from:
+            return 0
+        source = resolve_checkpoint(load_from)  # a new run from another run's weights
+        check_same_model(model, source)
+        if load_model_only:
+            load_tensors(source, {"model": self.state["model"]}, self.group)
+            log.info("initialised from %s (weights)", source)
+            return 0
+        log.info("initialised from %s (full state)", source)
+        return int(self.load(source)["step"])
+
     def load(self, path: Path) -> dict[str, Any]:
-        """Restore `state` from a complete checkpoint (DCP reshards it to this world size) and, when
-        it was written by as many ranks as this job has, `per_rank` from this rank's file. Returns
-        its meta.json (step, world size, what the run stored)."""
+        """Restore `state` from a complete checkpoint (DCP reshards it to this world size) and
+        `per_rank`: from this rank's file when the checkpoint was written by as many ranks as this job
+        has, else through each state's `load_from_other_world(rank 0's state, saved world size,
+        step)`. Returns its meta.json (step, world size, what the run stored)."""
         meta = json.loads((path / "meta.json").read_text())
         if self.replica[1] == 1:
             load_tensors(path, dict(self.state), self.group)
         else:
             self._load_once_and_share(path)
-        if meta["world_size"] == _world_size():
-            saved = self.rank_state(path, self.rank)
-            for name, state in self.per_rank.items():
+        same_world = meta["world_size"] == _world_size()
+        if not same_world and self.rank == 0:
+            log.warning("%s was written by %d ranks and this job has %d: model and optimizer are resharded "
+                        "exactly", path, meta["world_size"], _world_size())  # fmt: skip
+        saved = self.rank_state(path, self.rank if same_world else 0)
+        for name, state in self.per_rank.items():
+            if same_world:
                 state.load_state_dict(saved[name])
+            else:
+                state.load_from_other_world(saved[name], meta["world_size"], meta["step"])
         log.info("resumed from %s (step %d)", path, meta["step"])
         return meta
 
@@ -281,17 +344,32 @@ def load_model_weights(path: Path, model: torch.nn.Module, group=None) -> None:
     load_tensors(path, {"model": ModelState(model)}, group)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m lejepa_scale.checkpoint export ...`: moved to `python -m lejepa_scale.pretrained export`."""
-    import runpy
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    print("note: `python -m lejepa_scale.checkpoint export` moved to `python -m lejepa_scale.pretrained "
-          "export`; running that", file=sys.stderr)  # fmt: skip
-    sys.argv = ["python -m lejepa_scale.pretrained", *argv]
-    runpy.run_module("lejepa_scale.pretrained", run_name="__main__", alter_sys=True)
+def newest_step(run_dir: Path) -> int:
+    """The step a run resumes from (0 for a fresh run)."""
+    done = complete_checkpoints(Path(run_dir) / "checkpoints")
+    return checkpoint_step(done[-1]) if done else 0
 
 
-if __name__ == "__main__":
-    main()
+def stored_config(path: Path) -> Config:
+    """The config a checkpoint was written with (its meta.json), with keys moved since then."""
+    return from_yaml(read_meta(path)["config"])
+
+
+# The model keys a checkpoint must match to load into a run's model.
+MODEL_KEYS = ("name", "backbone_kwargs", "proj_hidden_dim", "proj_dim", "proj_embed_dim", "swa_target")
+
+
+def check_same_model(model: ModelConfig, step_dir: Path) -> None:
+    """A checkpoint holds the model its stored config describes: a different one cannot load into
+    this run's model, so say which keys differ instead of listing missing tensors."""
+    saved = stored_config(step_dir).model
+    differ = [
+        f"model.{key} {getattr(saved, key)!r} (checkpoint) vs {getattr(model, key)!r} (requested)"
+        for key in MODEL_KEYS
+        if getattr(saved, key) != getattr(model, key)
+    ]
+    if differ:
+        raise ConfigError(
+            f"{step_dir} holds another model than the config asks for: {'; '.join(differ)}. Resume with "
+            "the run's own config (its config.yaml) or start a new run.dir"
+        )

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from lejepa_scale.distributed.parallel import local_shard
 
 
 def replica_share(tree: Any, replica: int, replicas: int) -> tuple[Any, int]:
@@ -33,32 +34,18 @@ def replica_share(tree: Any, replica: int, replicas: int) -> tuple[Any, int]:
             load[owner] += sum(t.numel() * t.element_size() for t in tensors) + 1  # + 1: spread small entries
             if owner == replica:
                 out[key] = value
-                local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+                local = [local_shard(t) for t in tensors]
                 mine += sum(t.numel() * t.element_size() for t in local)
 
     visit(tree, kept)
     return kept, mine
 
 
-def replica_groups(replica: int, replicas: int) -> tuple[Any, Any]:
-    """Two gloo groups (cheap, CPU only): replica 0's ranks, which read a checkpoint, and this rank's
-    group across replicas, which shares what lives on the host. Every rank creates every group."""
-    shards = dist.get_world_size() // replicas
-    read_group = dist.new_group(list(range(shards)), backend="gloo")
-    across = [[shard + r * shards for r in range(replicas)] for shard in range(shards)]
-    host_group, _ = dist.new_subgroups_by_enumeration(across, backend="gloo")
-    return read_group if replica == 0 else None, host_group
-
-
 def on_device(leaves: list[Any], device: torch.device) -> list[bool]:
     """Which state leaves live on the training device (a DTensor by its shard): those go over the
     training backend; the rest (an optimizer's CPU step count, SWA's count, Python values) stay on
     the host, where NCCL cannot send them."""
-    return [
-        isinstance(leaf, torch.Tensor)
-        and (leaf.to_local() if isinstance(leaf, DTensor) else leaf).device == device
-        for leaf in leaves
-    ]
+    return [isinstance(leaf, torch.Tensor) and local_shard(leaf).device == device for leaf in leaves]
 
 
 def broadcast_from_first_replica(tree: Any, device: torch.device, replicate_group, host_group) -> Any:
@@ -69,8 +56,7 @@ def broadcast_from_first_replica(tree: Any, device: torch.device, replicate_grou
     here = on_device(leaves, device)
     for leaf, on in zip(leaves, here, strict=True):
         if on:
-            local = leaf.to_local() if isinstance(leaf, DTensor) else leaf
-            dist.broadcast(local, group=replicate_group, group_src=0)
+            dist.broadcast(local_shard(leaf), group=replicate_group, group_src=0)
     host = [leaf for leaf, on in zip(leaves, here, strict=True) if not on]
     dist.broadcast_object_list(host, group=host_group, group_src=0)
     received = iter(host)

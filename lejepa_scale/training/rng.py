@@ -18,13 +18,20 @@ def _unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
 
 
-class RandomState:
-    """Every random stream of this process, seeded from one integer, saved and restored exactly."""
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of one rank's random streams (drop path, augmentation): distinct on every rank."""
+    return seed * 1000 + rank
 
-    def __init__(self, generators: dict[str, torch.Generator]):
-        self.generators = generators
+
+class RandomState:
+    """Every random stream of one rank's process, seeded from one integer (distinct per rank), saved
+    and restored exactly."""
+
+    def __init__(self, generators: dict[str, torch.Generator], rank: int = 0):
+        self.generators, self.rank = generators, rank
 
     def seed(self, seed: int) -> None:
+        seed = rank_seed(seed, self.rank)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
@@ -54,3 +61,7 @@ class RandomState:
             g.set_state(_unb64(state["generators"][name]))  # a CPU ByteTensor, CUDA generators too
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(_unb64(state["cuda"]))
+
+    def load_from_other_world(self, saved: dict, world_size: int, step: int) -> None:
+        """Streams saved by another rank count do not map to this one's: reseeded from the step."""
+        self.seed(step)

@@ -1,16 +1,22 @@
 """The one place a Config becomes components: model (plain or FSDP2-sharded), loss, optimizer, LR
-schedule, data loader, photometric stage, online probe, checkpointer. Each function reads the config
-sections its component needs and nothing else; the components themselves take plain arguments."""
+schedule, data loader, photometric stage, online probe, checkpointer, the step and the metrics
+logger (`build_run` puts a run's set-up together). Each function reads the config sections its
+component needs and nothing else; the components themselves take plain arguments."""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from timm.optim import param_groups_weight_decay
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -19,14 +25,25 @@ from data_pipeline.in_memory import InMemoryViews
 from data_pipeline.shards import resolve_classes, resolve_shards
 from data_pipeline.stream import ShardViews
 from data_pipeline.views import CropSpec, Photometric
-from lejepa_scale.checkpoint import Checkpointer
-from lejepa_scale.config import Config, ConfigError
-from lejepa_scale.model import LeJEPAModel, create_backbone
-from lejepa_scale.objective import LeJEPALoss
-from lejepa_scale.parallel import DistEnv, build_mesh, parallelize
-from lejepa_scale.probe import OnlineProbe
-from lejepa_scale.sigreg import SIGReg
-from lejepa_scale.swa import WeightAverage
+from lejepa_scale.checkpointing.checkpoint import Checkpointer, complete_checkpoints
+from lejepa_scale.checkpointing.states import ModelState, OptimizerState
+from lejepa_scale.config import Config, ConfigError, to_yaml
+from lejepa_scale.distributed.collectives import from_rank0
+from lejepa_scale.distributed.float8 import float8_scale_update
+from lejepa_scale.distributed.parallel import parallelize
+from lejepa_scale.distributed.process_groups import DistEnv, build_mesh
+from lejepa_scale.method.model import LeJEPAModel, create_backbone
+from lejepa_scale.method.objective import LeJEPALoss
+from lejepa_scale.method.sigreg import SIGReg
+from lejepa_scale.method.swa import WeightAverage
+from lejepa_scale.training.flops import step_flops
+from lejepa_scale.training.metrics import MetricsLogger
+from lejepa_scale.training.online_probe import OnlineProbe
+from lejepa_scale.training.rng import RandomState
+from lejepa_scale.training.schedule import warmup_cosine
+from lejepa_scale.training.step import TrainingStep
+
+log = logging.getLogger("lejepa_scale.train")
 
 
 def check_model(cfg: Config) -> None:
@@ -43,7 +60,7 @@ def check_model(cfg: Config) -> None:
             f"model.backbone_kwargs {kwargs}: timm cannot build {cfg.model.name} with them "
             f"({type(e).__name__}: {e})".split("\n")[0]
         ) from e
-    if cfg.train.float8 and hasattr(backbone, "patch_embed"):
+    if cfg.parallel.float8 and hasattr(backbone, "patch_embed"):
         check_float8_tokens(cfg, backbone.patch_embed.patch_size[0], backbone.num_prefix_tokens)
 
 
@@ -57,9 +74,9 @@ def check_float8_tokens(cfg: Config, patch: int, prefix_tokens: int) -> None:
         if n and n * cfg.train.batch_size * tokens % 16:
             multiple = 16 // math.gcd(16, n * tokens)
             raise ConfigError(
-                f"train.batch_size={cfg.train.batch_size}: with train.float8 a block's token count must be "
-                f"divisible by 16, and {n} views x {cfg.train.batch_size} images x {tokens} tokens "
-                f"({size} px) is not: use a multiple of {multiple} (or train.float8=false)"
+                f"train.batch_size={cfg.train.batch_size}: with parallel.float8 a block's token count must "
+                f"be divisible by 16, and {n} views x {cfg.train.batch_size} images x {tokens} tokens "
+                f"({size} px) is not: use a multiple of {multiple} (or parallel.float8=false)"
             )
 
 
@@ -94,8 +111,8 @@ def build_parallel_model(cfg: Config, env: DistEnv, initialize: bool = True) -> 
         ac_every=cfg.parallel.ac_every,
         compile=cfg.parallel.compile,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
-        float8=cfg.train.float8_recipe if cfg.train.float8 else None,
-        float8_all_gather=cfg.train.float8_all_gather,
+        float8=cfg.parallel.float8_recipe if cfg.parallel.float8 else None,
+        float8_all_gather=cfg.parallel.float8_all_gather,
         initialize=initialize,
     )
 
@@ -130,14 +147,9 @@ def build_optimizer(model: LeJEPAModel, cfg: Config) -> torch.optim.AdamW:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from 0 over `optim.warmup_steps`, then cosine down to lr * `final_lr_ratio`."""
     warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.final_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup, total, floor)
+    )
 
 
 def crop_specs(cfg: Config) -> list[CropSpec]:
@@ -210,4 +222,76 @@ def build_checkpointer(
         device=env.device,
         replica=(env.rank // (env.world_size // replicas), replicas),
         replicate_group=build_mesh(env, replicas).get_group("dp_replicate") if replicas > 1 else None,
+        staging_wait_every_step=cfg.train.sync_debug,
     )
+
+
+def build_metrics_logger(
+    cfg: Config, env: DistEnv, model: LeJEPAModel, start_step: int, meta: dict[str, Any]
+) -> MetricsLogger:
+    """The metrics sink of a run starting at `start_step`; the wandb run id it continues (from the
+    checkpoint's `meta`, else the run dir) goes into `meta`, so every later checkpoint carries it."""
+    logger = MetricsLogger(
+        Path(cfg.run.dir), cfg.train.steps, start_step=start_step, enabled=env.is_main,
+        batch_size=cfg.train.batch_size, world_size=env.world_size, device=env.device,
+        flops_per_step=step_flops(model, cfg), lam=cfg.loss.lam, alpha=cfg.log.alpha,
+        alarm_after=cfg.optim.warmup_steps, wandb_setting=cfg.log.wandb, run_id=meta.get("wandb_run_id"),
+        project=cfg.log.project, entity=cfg.log.entity, name=cfg.run.name,
+        config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+    )  # fmt: skip
+    if logger.run_id:
+        meta["wandb_run_id"] = logger.run_id
+    return logger
+
+
+@dataclass
+class Run:
+    """A run's components, as the training loop uses them."""
+
+    model: LeJEPAModel
+    loader: InMemoryViews | ShardViews
+    step: TrainingStep
+    checkpointer: Checkpointer
+    meta: dict[str, Any]  # what every checkpoint's meta.json adds: the resolved config, the wandb run id
+
+
+def build_run(cfg: Config, env: DistEnv) -> Run:
+    """Every component of a run, wired together, and the start line logged. A run that will resume
+    (or start from `checkpoint.load_from`) only allocates its model: the checkpoint fills it."""
+    resuming = from_rank0(
+        cfg.checkpoint.enabled and bool(complete_checkpoints(Path(cfg.run.dir) / "checkpoints"))
+    )
+    t_build, initialize = time.perf_counter(), not (resuming or cfg.checkpoint.load_from)
+    model = build_parallel_model(cfg, env, initialize=initialize)
+    t_build = time.perf_counter() - t_build
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    loader, num_classes, data = build_loader(cfg, env)
+    probe = build_probe(cfg, model.feature_dim, num_classes, env)
+    swa = build_swa(cfg, env, model)
+    augment = torch.Generator(device=env.device)
+    rng = RandomState({"augment": augment}, env.rank)
+    rng.seed(cfg.run.seed)
+    state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer), "schedule": scheduler}
+    state |= {name: part for name, part in (("probe", probe), ("swa", swa)) if part is not None}
+    meta = {"config": to_yaml(cfg)}
+    checkpointer = build_checkpointer(cfg, env, state, {"loader": loader, "rng": rng}, meta)
+    step = TrainingStep(
+        model=model, loss_fn=build_loss(cfg), optimizer=optimizer, scheduler=scheduler,
+        photometric=build_photometric(cfg), augment=augment,
+        autocast=torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"),
+        device=env.device, n_global=cfg.views.n_global, clip_grad=cfg.optim.clip_grad, probe=probe,
+        target=swa, before_update=checkpointer.wait_for_staging, after_update=float8_scale_update(model),
+        corrupt_total=lambda: getattr(loader, "corrupt_total", 0),
+    )  # fmt: skip
+    if env.is_main:
+        log.info("%s: %.1fM parameters, %d rank(s) on %s, %d steps of %d per rank (data: %s); model %s in "
+                 "%.2f s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, env.world_size,
+                 env.device.type, cfg.train.steps, cfg.train.batch_size, data,
+                 "initialised" if initialize else "allocated for a checkpoint", t_build)  # fmt: skip
+        interfaces = {
+            k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in os.environ
+        }
+        if interfaces:
+            log.info("network interface: %s", ", ".join(f"{k}={v}" for k, v in interfaces.items()))
+    return Run(model, loader, step, checkpointer, meta)

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lejepa_scale.logging_setup import configure_logging
+
 log = logging.getLogger(__name__)
 
 EVENTS = "launch.jsonl"
@@ -231,9 +233,9 @@ def after_step(attempt: Attempt, code: int, limits: Limits) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m lejepa_scale.slurm_job RUN_DIR EXIT_CODE MAX_RETRIES MAX_NODE_FAILURES`: the line
+    """`python -m lejepa_scale.cluster.attempts RUN_DIR EXIT_CODE MAX_RETRIES MAX_NODE_FAILURES`: the line
     after srun in the batch script the launcher submits."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging()
     run_dir, code, retries, node_failures = (sys.argv[1:] if argv is None else argv)[:4]
     sys.exit(after_step(Attempt.from_env(Path(run_dir)), int(code), Limits(int(retries), int(node_failures))))
 

@@ -1,0 +1,1 @@
+"""Frozen-feature evaluation: the feature extractor and the probes (linear, k-NN, few-shot)."""
