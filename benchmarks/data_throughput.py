@@ -2,6 +2,8 @@
 batched photometric stage per batch, converter images/s per core, end-to-end loader samples/s.
 
 python benchmarks/data_throughput.py [--images 240] [--workdir /tmp/lejepa_data_bench]
+python benchmarks/data_throughput.py --loader SHARDS --workers 14 [--batch 32] [--batches 40]
+    (one loader alone, as benchmarks/gpu_check.py measures it: prints THROUGHPUT {json})
 
 Images are 500x375 q90 JPEG crops of the photos scikit-learn ships (about 60 KB each). Per-core
 numbers are CPU time of one thread (time.thread_time) with torch.set_num_threads(1), so other load
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import statistics
@@ -25,10 +28,13 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from torchvision.transforms import v2
 
-from data_pipeline import convert
-from data_pipeline.shards import resolve_shards
-from data_pipeline.stream import ShardViews
-from data_pipeline.views import CropSpec, Photometric, blur_kernel_size, decode_crops
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data_pipeline import convert  # noqa: E402
+from data_pipeline.shards import resolve_shards  # noqa: E402
+from data_pipeline.stream import ShardViews  # noqa: E402
+from data_pipeline.views import CropSpec, Photometric, blur_kernel_size, decode_crops  # noqa: E402
 
 SPECS = [CropSpec(2, 224, (0.3, 1.0)), CropSpec(6, 96, (0.05, 0.3))]
 
@@ -124,12 +130,41 @@ def per_core_rate(fn, payloads: list[bytes], passes: int = 3) -> float:
     return statistics.median(rates)
 
 
+def make_shards(folder: Path, images: int, shard_size: int = 256) -> Path:
+    """`images` 500x375 JPEGs converted to shards under folder/shards; returns that folder."""
+    make_jpegs(folder / "src", images)
+    convert.convert(convert.list_class_folders(folder / "src"), folder / "shards", prefix="bench",
+                    shard_size=shard_size, workers=1)  # fmt: skip
+    return folder / "shards"
+
+
+def loader_rate(shards: Path, workers: int, batch: int, batches: int) -> float:
+    """Samples/s of ShardViews alone (2x224 + 6x96 crops), after its workers' first batch."""
+    loader = ShardViews(resolve_shards(str(shards)), batch_size=batch, crops=SPECS, num_workers=workers)
+    it = iter(loader)
+    for _ in range(workers):  # every worker has started and delivered once
+        next(it)
+    start = time.perf_counter()
+    n = sum(len(next(it).keys) for _ in range(batches))
+    return n / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=240)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lejepa_data_bench"))
     parser.add_argument("--photometric-batch", type=int, default=64)
+    parser.add_argument(
+        "--loader", type=Path, metavar="SHARDS", help="only measure ShardViews on these shards"
+    )
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=40)
     args = parser.parse_args()
+    if args.loader:
+        rate = loader_rate(args.loader, args.workers, args.batch, args.batches)
+        print("THROUGHPUT " + json.dumps({"img_per_s": round(rate, 1), "workers": args.workers}), flush=True)
+        return
     torch.set_num_threads(1)
     shutil.rmtree(args.workdir, ignore_errors=True)
     paths = make_jpegs(args.workdir / "src", args.images)
