@@ -1,10 +1,14 @@
-"""Shard sets on disk: resolve a manifest, brace pattern or list to (path, sample count), and read
-the samples of one shard (plain `.tar` or `.tar.zst`) with webdataset's tar iterators."""
+"""Shard sets on disk: resolve a manifest, brace pattern or list to (path, sample count); read the
+samples of one shard in order (plain `.tar` or `.tar.zst`) with webdataset's tar iterators, or one
+sample at a time by its index (plain `.tar`: the members' offsets come from the tar headers)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,63 @@ def iter_samples(path: str | Path) -> Iterator[dict]:
         stream = zstandard.ZstdDecompressor().stream_reader(raw) if path.endswith(".zst") else raw
         files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}])
         yield from wds.tariterators.group_by_keys(files)
+
+
+Members = dict[str, tuple[int, int]]  # extension -> (offset of its data, size)
+
+
+def index_tar(path: str | Path) -> list[tuple[str, Members]]:
+    """(key, members) of every complete sample of a plain tar shard, from its headers alone (tarfile
+    seeks over the data). A truncated shard gives the samples before the break; a sample whose data
+    runs past the end of the file is left out."""
+    size = os.path.getsize(path)
+    samples: list[tuple[str, Members]] = []
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        try:
+            for info in tar:
+                key, ext = wds.tariterators.base_plus_ext(info.name)
+                if not info.isfile() or key is None:
+                    continue
+                if info.offset_data + info.size > size:
+                    break
+                if samples and samples[-1][0] == key:
+                    samples[-1][1][ext.lower()] = (info.offset_data, info.size)
+                else:
+                    samples.append((key, {ext.lower(): (info.offset_data, info.size)}))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            log.warning("%s: readable up to sample %d (%s)", path, len(samples), e)
+    return samples
+
+
+class ShardReader:
+    """Samples of local plain-tar shards read by (shard, index): each shard's headers are indexed on
+    its first read, and the `keep` shards read last stay open with their index."""
+
+    def __init__(self, paths: list[str], keep: int = 64):
+        self.paths, self.keep = paths, keep
+        self.open: OrderedDict[int, tuple[int, list[tuple[str, Members]]]] = OrderedDict()
+
+    def read(self, shard: int, index: int) -> dict | None:
+        """The sample as webdataset groups it ({"__key__", ext: bytes}); None when the shard does not
+        hold it (truncated or shorter than its manifest says)."""
+        if shard not in self.open:
+            if len(self.open) >= self.keep:
+                os.close(self.open.popitem(last=False)[1][0])
+            self.open[shard] = (os.open(self.paths[shard], os.O_RDONLY), index_tar(self.paths[shard]))
+        self.open.move_to_end(shard)
+        fd, samples = self.open[shard]
+        if index >= len(samples):
+            return None
+        key, members = samples[index]
+        return {
+            "__key__": key,
+            **{ext: os.pread(fd, size, offset) for ext, (offset, size) in members.items()},
+        }
+
+    def close(self) -> None:
+        for fd, _ in self.open.values():
+            os.close(fd)
+        self.open.clear()
 
 
 def _count_by_reading(path: str) -> int:

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.shards import Shard, iter_samples
-from data_pipeline.views import CropSpec, ViewBatch, decode_crops
+from data_pipeline.views import CropSpec, Photometric, ViewBatch, decode_sample
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,24 @@ class _Stream(IterableDataset):
     from nothing by every worker at once)."""
 
     def __init__(
-        self, shards, *, rank, world_size, batch_size, epoch, skip, specs, flip_p, seed, shuffle_buffer
+        self,
+        shards,
+        *,
+        rank,
+        world_size,
+        batch_size,
+        epoch,
+        skip,
+        specs,
+        flip_p,
+        photometric,
+        seed,
+        shuffle_buffer,
     ):
         self.shards, self.rank, self.world_size, self.batch_size = shards, rank, world_size, batch_size
         self.epoch, self.skip = epoch, skip
         self.specs, self.flip_p, self.seed, self.shuffle_buffer = specs, flip_p, seed, shuffle_buffer
+        self.photometric = photometric
 
     def __iter__(self) -> Iterator[ViewBatch]:
         info = get_worker_info()
@@ -176,27 +189,18 @@ class _Stream(IterableDataset):
             yield -1, {"__key__": f"missing-{missing}"}
 
     def _decode(self, epoch: int, position: int, sample: dict) -> tuple | None:
-        if "jpg" not in sample:
-            return None
         gen = torch.Generator().manual_seed(hash((self.seed, epoch, position)) % 2**63)
-        try:
-            views = decode_crops(sample["jpg"], self.specs, self.flip_p, gen)
-            label = int(sample["cls"]) if "cls" in sample else -1
-        except Exception:  # any undecodable payload is counted, not fatal
-            return None
-        return views, label, sample["__key__"]
+        return decode_sample(sample, self.specs, self.flip_p, self.photometric, gen)
 
     def _replacement(self, epoch: int, recent: deque, salt: int) -> tuple:
         """The latest good sample decoded again, with differently seeded crops."""
         position, sample = recent[-1]
-        views, label, key = self._decode(epoch, position * 7919 + salt * 104729 + 1, sample)
-        return views, label, key + "#repeat"
+        views, params, label, key = self._decode(epoch, position * 7919 + salt * 104729 + 1, sample)
+        return views, params, label, key + "#repeat"
 
     @staticmethod
     def _collate(items: list[tuple], corrupt: int) -> ViewBatch:
-        views = [torch.stack([item[0][k] for item in items], 1) for k in range(len(items[0][0]))]
-        labels = torch.tensor([item[1] for item in items])
-        return ViewBatch(views=views, labels=labels, keys=[item[2] for item in items], corrupt=corrupt)
+        return ViewBatch.collate(items, corrupt)
 
 
 class ShardViews:
@@ -217,10 +221,12 @@ class ShardViews:
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         pin_memory: bool = False,
+        photometric: Photometric | None = None,
     ):
         self.shards, self.batch_size, self.crops, self.flip_p = shards, batch_size, crops, flip_p
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.shuffle_buffer, self.pin_memory = num_workers, shuffle_buffer, pin_memory
+        self.photometric = photometric if photometric is not None else Photometric()
         self.steps_per_epoch = plan_epoch(shards, 0, seed, batch_size, world_size).steps
         self.epoch, self.batch, self.corrupt_total = 0, 0, 0
 
@@ -267,6 +273,7 @@ class ShardViews:
             skip=self.batch,
             specs=self.crops,
             flip_p=self.flip_p,
+            photometric=self.photometric,
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
         )

@@ -33,6 +33,10 @@ class CropSpec:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
+# uniforms one crop takes: area and log-aspect for each try, then the corner (y, x)
+CROP_UNIFORMS = 2 * _CROP_ATTEMPTS + 2
+
+
 def sample_crop_boxes(
     n: int,
     height: int,
@@ -41,22 +45,28 @@ def sample_crop_boxes(
     ratio: tuple[float, float],
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """RandomResizedCrop boxes (n, 4) as (x0, y0, x1, y1) in pixels, torchvision's rule vectorised:
-    10 tries of (area fraction ~ U(scale), log aspect ~ U(log ratio)); the first that fits wins,
-    else a centre crop with the aspect clamped to `ratio`."""
-    area = height * width
-    target = area * torch.empty(n, _CROP_ATTEMPTS).uniform_(*scale, generator=gen)
-    aspect = torch.exp(
-        torch.empty(n, _CROP_ATTEMPTS).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
-    )
+    """RandomResizedCrop boxes (n, 4) as (x0, y0, x1, y1) in pixels, drawn from `gen`."""
+    return crop_boxes(torch.rand(n, CROP_UNIFORMS, generator=gen), height, width, scale, ratio)
+
+
+def crop_boxes(
+    u: torch.Tensor, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> torch.Tensor:
+    """RandomResizedCrop boxes (n, 4) as (x0, y0, x1, y1) in pixels from uniforms u (n, CROP_UNIFORMS),
+    torchvision's rule vectorised: 10 tries of (area fraction ~ U(scale), log aspect ~ U(log ratio));
+    the first that fits wins, else a centre crop with the aspect clamped to `ratio`."""
+    n, area = len(u), height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, :_CROP_ATTEMPTS])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, _CROP_ATTEMPTS : 2 * _CROP_ATTEMPTS])
     w = torch.sqrt(target * aspect).round()
     h = torch.sqrt(target / aspect).round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1))
     rows = torch.arange(n)
     w, h = w[rows, first.clamp_min(0)], h[rows, first.clamp_min(0)]
-    y0 = torch.floor(torch.rand(n, generator=gen) * (height - h + 1))
-    x0 = torch.floor(torch.rand(n, generator=gen) * (width - w + 1))
+    y0 = torch.floor(u[:, -2] * (height - h + 1))
+    x0 = torch.floor(u[:, -1] * (width - w + 1))
 
     # no try fits: a centre crop with the aspect clamped to `ratio` (branch-free: no host read)
     in_ratio = width / height
@@ -241,10 +251,17 @@ class Photometric:
     as torchvision's ColorJitter), grayscale, Gaussian blur, solarize and normalisation of a batch of
     views on its own device.
 
-    Branch-free: every parameter is drawn for the whole batch and applied with masks, so the stage
-    has no data-dependent shapes and never reads a device value on the host (the CPU can run ahead of
-    the GPU). Input: (..., 3, H, W) uint8 or float in [0, 1]; output: float32 normalised with
+    `draw(n, gen)` draws the random parameters of n views (`PARAMETERS` numbers each), `apply(views,
+    parameters)` applies them. The data sources draw each sample's parameters on the CPU from that
+    sample's own generator, so a sample's augmentation does not depend on its batch, its rank or the
+    world size; the device only applies them. Branch-free: every parameter is applied to the whole
+    batch with masks, so the stage has no data-dependent shapes and never reads a device value on
+    the host. Input: (..., 3, H, W) uint8 or float in [0, 1]; output: float32 normalised with
     `mean`/`std`."""
+
+    # jitter?, 4 uniforms giving the op order, brightness, contrast, saturation, hue, grayscale?,
+    # blur?, blur sigma, solarize?
+    PARAMETERS = 13
 
     def __init__(
         self,
@@ -255,20 +272,39 @@ class Photometric:
         self.spec = spec if spec is not None else PhotometricSpec()
         self.mean, self.std = mean, std
 
-    def _jitter(self, x: torch.Tensor, jitter: torch.Tensor, draw, gen: torch.Generator) -> torch.Tensor:
+    def draw(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """(n, PARAMETERS) float32 random parameters for n views, on `gen`'s device."""
+        return self.from_uniforms(torch.rand(n, self.PARAMETERS, device=gen.device, generator=gen))
+
+    def from_uniforms(self, u: torch.Tensor) -> torch.Tensor:
+        """The parameters of views from their uniforms u (n, PARAMETERS): probabilities become 0/1
+        flags, ranges are scaled; the op-order uniforms stay as they are."""
+        s = self.spec
+        factors = (s.brightness, s.contrast, s.saturation)
+        sigma = s.blur_sigma
+        lo = u.new_tensor([0, 0, 0, 0, 0, *(1 - f for f in factors), -s.hue, 0, 0, sigma[0], 0])
+        span = u.new_tensor(
+            [1, 1, 1, 1, 1, *(2 * f for f in factors), 2 * s.hue, 1, 1, sigma[1] - sigma[0], 1]
+        )
+        out = lo + span * u
+        for column, p in ((0, s.jitter_p), (9, s.grayscale_p), (10, s.blur_p), (12, s.solarize_p)):
+            out[:, column] = (u[:, column] < p).float()
+        return out
+
+    def _jitter(self, x: torch.Tensor, jitter: torch.Tensor, order: torch.Tensor, factors: list[torch.Tensor],
+                shift: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """Brightness, contrast, saturation and hue in a random order per sample, on the samples where
         `jitter` (B, 1, 1, 1) holds. Each op with factor 1 (hue: shift 0) leaves an image as it is, so
         every op runs on the whole batch with identity factors where it does not apply; the costly
         hue runs once, between the cheap ops its sample puts before it and those it puts after."""
         s = self.spec
-        n = x.shape[0]
-        slot = torch.rand(n, 4, device=x.device, generator=gen).argsort(1).argsort(1)  # slot of each op
+        slot = order.argsort(1).argsort(1)  # slot of each op
         cheap = [
-            (s.brightness, draw(1 - s.brightness, 1 + s.brightness), lambda y, f: (y * f).clamp_(0, 1)),
-            (s.contrast, draw(1 - s.contrast, 1 + s.contrast), lambda y, f: _blend(y, _mean_gray(y), f)),
-            (s.saturation, draw(1 - s.saturation, 1 + s.saturation), lambda y, f: _blend(y, grayscale(y), f)),
+            (s.brightness, factors[0], lambda y, f: (y * f).clamp_(0, 1)),
+            (s.contrast, factors[1], lambda y, f: _blend(y, _mean_gray(y), f)),
+            (s.saturation, factors[2], lambda y, f: _blend(y, grayscale(y), f)),
         ]
-        hue_slot, shift = slot[:, 3].view(-1, 1, 1, 1), draw(-s.hue, s.hue)
+        hue_slot = slot[:, 3].view(-1, 1, 1, 1)
         for before_hue in (True, False):
             for k in (0, 1, 2) if before_hue else (1, 2, 3):  # hue takes slot >= 1 when ops precede it
                 side = hue_slot > k if before_hue else hue_slot < k
@@ -281,35 +317,41 @@ class Photometric:
         return x
 
     @torch.no_grad()
-    def __call__(self, views: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def apply(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """`views` (..., 3, H, W) with their drawn `parameters` (..., PARAMETERS), on one device."""
         s = self.spec
         lead, (c, height, width) = views.shape[:-3], views.shape[-3:]
         x = views.reshape(-1, c, height, width)
         x = x.float().div_(255) if views.dtype == torch.uint8 else x.float().clone()
-        n, dev = x.shape[0], x.device
+        p = parameters.reshape(-1, self.PARAMETERS).float()
 
-        def draw(lo: float, hi: float) -> torch.Tensor:
-            return torch.empty(n, device=dev).uniform_(lo, hi, generator=gen).view(-1, 1, 1, 1)
+        def column(i: int) -> torch.Tensor:
+            return p[:, i].view(-1, 1, 1, 1)
 
-        def chance(p: float) -> torch.Tensor:
-            return (torch.rand(n, device=dev, generator=gen) < p).view(-1, 1, 1, 1)
-
-        x = self._jitter(x, chance(s.jitter_p), draw, gen)
-        x = torch.where(chance(s.grayscale_p), grayscale(x).expand(-1, c, -1, -1), x)
-        sigma = torch.where(chance(s.blur_p).flatten(), draw(*s.blur_sigma).flatten(), 0.0)
+        jitter, gray, blur, solarize = (column(i) > 0.5 for i in (0, 9, 10, 12))
+        x = self._jitter(x, jitter, p[:, 1:5], [column(5), column(6), column(7)], column(8))
+        x = torch.where(gray, grayscale(x).expand(-1, c, -1, -1), x)
+        sigma = torch.where(blur.flatten(), p[:, 11], 0.0)
         x = gaussian_blur(x, gaussian_kernels(sigma, blur_kernel_size(height)))
-        x = torch.where(chance(s.solarize_p) & (x >= s.solarize_threshold), 1 - x, x)
+        x = torch.where(solarize & (x >= s.solarize_threshold), 1 - x, x)
         return normalize(x, self.mean, self.std).reshape(*lead, c, height, width)
+
+    def __call__(self, views: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Draw on `gen` (on the views' device) and apply: one batch's own stream of parameters."""
+        return self.apply(views, self.draw(views[..., 0, 0, 0].numel(), gen).view(*views.shape[:-3], -1))
 
 
 @dataclass
 class ViewBatch:
-    """What a data source hands the trainer: uint8 views per crop kind, view-major, and labels if any."""
+    """What a data source hands the trainer: uint8 views per crop kind, view-major, each view's drawn
+    photometric parameters, labels if any, and where the stream stands after it."""
 
     views: list[torch.Tensor]  # [(Vg, B, 3, S, S), (Vl, B, 3, s, s)]
     labels: torch.Tensor | None
     keys: list[str] | None = None  # sample keys, when the source has them
     corrupt: int = 0  # samples skipped as unreadable since the previous batch
+    photometric: list[torch.Tensor] | None = None  # [(Vg, B, P), (Vl, B, P)]: `Photometric.draw`s
+    position: dict | None = None  # the loader's state once the step this batch belongs to is done
 
     def pin_memory(self) -> ViewBatch:
         """Page-locked copies (the DataLoader's pin thread calls this; torch passes other objects
@@ -317,4 +359,31 @@ class ViewBatch:
         broadcast view (grayscale expanded to 3 channels) would be materialised again, pageable."""
         views = [v.contiguous().pin_memory() for v in self.views]
         labels = None if self.labels is None else self.labels.pin_memory()
-        return dataclasses.replace(self, views=views, labels=labels)
+        photometric = None if self.photometric is None else [p.pin_memory() for p in self.photometric]
+        return dataclasses.replace(self, views=views, labels=labels, photometric=photometric)
+
+    @staticmethod
+    def collate(items: list[tuple], corrupt: int = 0, position: dict | None = None) -> ViewBatch:
+        """One batch from per-sample (views, photometric parameters, label, key): views per crop kind
+        (count, 3, s, s) and parameters (count, P) stacked along the batch dimension."""
+        views = [torch.stack([item[0][k] for item in items], 1) for k in range(len(items[0][0]))]
+        params = [torch.stack([item[1][k] for item in items], 1) for k in range(len(items[0][1]))]
+        labels = torch.tensor([item[2] for item in items])
+        keys = [item[3] for item in items]
+        return ViewBatch(views, labels, keys, corrupt, params, position)
+
+
+def decode_sample(
+    sample: dict, specs: list[CropSpec], flip_p: float, photometric: Photometric, gen: torch.Generator
+) -> tuple[list[torch.Tensor], list[torch.Tensor], int, str] | None:
+    """A shard sample (its `jpg` and `cls`) as (crops per spec, photometric parameters per spec,
+    label (-1 without `cls`), key), all drawn from `gen`; None when it cannot be decoded."""
+    if "jpg" not in sample:
+        return None
+    try:
+        views = decode_crops(sample["jpg"], specs, flip_p, gen)
+        label = int(sample["cls"]) if "cls" in sample else -1
+    except Exception:  # any undecodable payload is counted by the caller, not fatal
+        return None
+    params = [photometric.draw(spec.count, gen) for spec in specs]
+    return views, params, label, sample["__key__"]

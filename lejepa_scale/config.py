@@ -63,7 +63,11 @@ class DataConfig:
     train: Any = None  # the training set (str or list of str)
     val: Any = None  # a labelled evaluation set (str or list of str)
     num_workers: int = 8  # shards: DataLoader workers per rank (decode + crops)
-    shuffle_buffer: int = 1000  # shards: samples per worker mixed before batching
+    # auto: indexed for local plain-tar shards and built-in sets (the world-size-free order), stream
+    # for pipe:, URLs and .tar.zst | indexed | stream (rank-split shard streaming, shuffle buffer)
+    order: str = "auto"
+    shuffle_shards: int = 64  # indexed: shards whose samples are shuffled together (a block)
+    shuffle_buffer: int = 1000  # stream: samples per worker mixed before batching
 
 
 @dataclass
@@ -90,7 +94,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 256  # per rank
+    batch_size: int = 256  # per rank and forward pass (with global_batch_size: the most one takes)
+    global_batch_size: int = 0  # samples per step on all ranks together, whatever the world size (0: off)
+    grad_accum_steps: int = 1  # micro-batches of batch_size per step and rank (exact accumulation)
     precision: str = "bf16"  # bf16 | fp32; bf16 autocast is used only where the device supports it
     device: str = "auto"  # auto | cpu | cuda
     online_probe: bool = True  # linear probe on detached backbone features when labels exist
@@ -145,6 +151,7 @@ class LogConfig:
     entity: str | None = None
     health_every: int = 100  # steps between embedding-health checks (SIGReg per view, rank, std)
     alpha: float = 0.4  # scaled_loss = loss / lam**alpha, the paper's label-free model-selection signal
+    sample_keys: bool = False  # <run.dir>/samples/rank<R>.jsonl: the keys of every step's samples
 
 
 @dataclass
@@ -208,6 +215,20 @@ def _validate(cfg: Config) -> None:
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be 'auto', 'cpu' or 'cuda'"),
         (cfg.train.steps >= 1, "train.steps", "must be >= 1"),
         (cfg.train.batch_size >= 2, "train.batch_size", "must be >= 2 (SIGReg and BatchNorm need a batch)"),
+        (cfg.train.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1"),
+        (
+            cfg.train.global_batch_size >= 0,
+            "train.global_batch_size",
+            "must be >= 0 (0: batch_size per rank)",
+        ),
+        (
+            not (cfg.train.global_batch_size and cfg.train.grad_accum_steps > 1),
+            "train.grad_accum_steps",
+            "must stay 1 with train.global_batch_size: the micro-batches follow from the global batch and "
+            "train.batch_size (the most one forward pass takes)",
+        ),
+        (cfg.data.order in ("auto", "indexed", "stream"), "data.order", "must be auto, indexed or stream"),
+        (cfg.data.shuffle_shards >= 1, "data.shuffle_shards", "must be >= 1"),
         (cfg.checkpoint.keep_last >= 2, "checkpoint.keep_last", "must be >= 2 (the newest may be in flight)"),
         (cfg.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1"),
         (cfg.parallel.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1"),
@@ -363,3 +384,40 @@ def from_yaml(text: str) -> Config:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+@dataclass(frozen=True)
+class Batches:
+    """How a step's samples split at one world size: `accumulation` micro-batches of `micro` per
+    rank and step."""
+
+    micro: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.micro * self.accumulation
+
+    @property
+    def global_size(self) -> int:
+        return self.per_rank * self.world_size
+
+
+def batches(cfg: Config, world_size: int) -> Batches:
+    """The micro-batches of `cfg` at `world_size`. Without train.global_batch_size: batch_size per
+    rank, grad_accum_steps of them. With it: each rank takes global / world_size samples per step
+    (a world size that does not divide it is refused, naming those that do), in as few
+    micro-batches of at most batch_size as divide that share."""
+    t = cfg.train
+    if not t.global_batch_size:
+        return Batches(t.batch_size, t.grad_accum_steps, world_size)
+    if t.global_batch_size % world_size:
+        divisors = [n for n in range(1, t.global_batch_size + 1) if t.global_batch_size % n == 0]
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} does not split over {world_size} ranks: the "
+            f"world sizes that divide it are {', '.join(map(str, divisors))}"
+        )
+    share = t.global_batch_size // world_size
+    accumulation = next(k for k in range(1, share + 1) if share % k == 0 and share // k <= t.batch_size)
+    return Batches(share // accumulation, accumulation, world_size)

@@ -1,9 +1,10 @@
 """`python -m lejepa_scale.train --config FILE [key=value ...]`: LeJEPA pretraining, top to bottom.
 
 The same code runs in one process (CPU or one GPU) and under
-`torchrun --nproc_per_node N -m lejepa_scale.train ...` (gloo on CPU, NCCL on GPU): train.batch_size
-is per rank, the global batch is batch_size x world size, and SIGReg and the projector's BatchNorm
-use statistics of the global batch.
+`torchrun --nproc_per_node N -m lejepa_scale.train ...` (gloo on CPU, NCCL on GPU): a step takes
+train.grad_accum_steps micro-batches of train.batch_size per rank (or train.global_batch_size in
+all, whatever the world size), and SIGReg and the projector's BatchNorm use statistics of the
+whole global batch.
 
 One step: uint8 crops -> batched photometric augmentation on the device -> backbone forward (each
 block takes both crop sizes in one call) -> projector -> (1 - λ)·prediction + λ·SIGReg -> backward
@@ -29,14 +30,14 @@ from lejepa_scale.checkpointing.checkpoint import Checkpointer
 from lejepa_scale.cluster.attempts import Attempt, lost_peer
 from lejepa_scale.cluster.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 from lejepa_scale.cluster.watchdog import HangWatchdog, slow_step_seconds, timeout_too_short
-from lejepa_scale.config import Config, ConfigError, load_config, to_yaml
+from lejepa_scale.config import Config, ConfigError, batches, load_config, to_yaml
 from lejepa_scale.distributed.parallel import full_state_dict
 from lejepa_scale.distributed.process_groups import DistEnv, init_distributed
 from lejepa_scale.logging_setup import configure_logging
 from lejepa_scale.method.model import LeJEPAModel
 from lejepa_scale.training.build import Run, build_metrics_logger, build_run, check_model
 from lejepa_scale.training.flops import step_flops
-from lejepa_scale.training.metrics import peak_tflops
+from lejepa_scale.training.metrics import SampleLog, peak_tflops
 from lejepa_scale.training.profiling import step_profiler
 from lejepa_scale.training.step import host_syncs_fail
 
@@ -47,10 +48,6 @@ def train(cfg: Config, on_hang: Callable[[str], None] | None = None) -> LeJEPAMo
     """Pretrain as `cfg` says, resuming the run if it has a checkpoint. `on_hang(reason)` runs when
     the watchdog finds no step completed for `train.hang_timeout` s (the launcher requeues there)."""
     env = init_distributed(cfg.train.device, cfg.parallel.timeout)
-    if env.is_main:
-        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     run = build_run(cfg, env)
     check_cpus(cfg, env)
     check_hang_timeout(cfg, env, run.model)
@@ -61,9 +58,10 @@ def train(cfg: Config, on_hang: Callable[[str], None] | None = None) -> LeJEPAMo
         return finished(cfg, env, run)
     preemption = PreemptionFlag()
     logger = build_metrics_logger(cfg, env, run.model, start_step, run.meta)
+    sample_log = SampleLog(Path(cfg.run.dir), env.rank, start_step, cfg.log.sample_keys)
     if env.is_main:
         log.info("training from step %d", start_step)
-    batches = iter(run.loader)
+    micro_batches, accumulation = iter(run.loader), batches(cfg, env.world_size).accumulation
     run.model.train()
     with (
         step_profiler(cfg.profile, Path(cfg.run.dir), env.rank, start_step) as profiler,
@@ -73,11 +71,12 @@ def train(cfg: Config, on_hang: Callable[[str], None] | None = None) -> LeJEPAMo
             last, health = step == cfg.train.steps - 1, step % cfg.log.health_every == 0
             logged = health or step % cfg.train.log_every == 0 or last
             t_start = time.perf_counter()
-            batch = next(batches)
+            batch = [next(micro_batches) for _ in range(accumulation)]
             t_data = time.perf_counter()
             with host_syncs_fail(cfg.train.sync_debug and not logged, env.device):  # the step proper
                 result, counters = run.step(batch, step)
             logger.advance()
+            sample_log.write(step, [key for micro_batch in batch for key in micro_batch.keys])
             profiler.step()
             if logged:
                 out = result.output
@@ -99,6 +98,7 @@ def train(cfg: Config, on_hang: Callable[[str], None] | None = None) -> LeJEPAMo
             watchdog.beat(step)
     run.checkpointer.save(cfg.train.steps, blocking=True)
     logger.close()
+    sample_log.close()
     write_final_weights(cfg, env, run.model)
     return run.model
 
@@ -118,7 +118,7 @@ def check_cpus(cfg: Config, env: DistEnv) -> None:
 
 def check_hang_timeout(cfg: Config, env: DistEnv, model: LeJEPAModel) -> None:
     """The watchdog's timeout against the planner's step FLOPs on a GPU it knows the peak of."""
-    flops, peak = step_flops(model, cfg), peak_tflops(env.device)
+    flops, peak = step_flops(model, cfg, batches(cfg, env.world_size).per_rank), peak_tflops(env.device)
     if env.is_main and flops and peak:
         state_bytes = 12 * sum(p.numel() for p in model.parameters()) / env.world_size  # fp32 weights + AdamW
         warning = timeout_too_short(cfg.train.hang_timeout, slow_step_seconds(flops, peak, state_bytes))

@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch.utils.data._utils.pin_memory import pin_memory
 
-from data_pipeline.in_memory import InMemoryViews
-from data_pipeline.views import CropSpec, ViewBatch
+from data_pipeline.indexed import IndexedViews, MemorySource
+from data_pipeline.views import CropSpec, Photometric, ViewBatch
 from lejepa_scale.checkpointing.replicas import on_device
 from lejepa_scale.checkpointing.staging import BackgroundStager
 from lejepa_scale.config import ConfigError, load_config
@@ -107,11 +107,15 @@ def test_batches_are_pinned_contiguous_on_both_sources(monkeypatch):
     builds of torch cannot pin, so the pinning call is recorded here)."""
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)  # the DataLoader pins only then
     images, labels = torch.randint(0, 255, (40, 1, 28, 28), dtype=torch.uint8), torch.arange(40)
     crops = [CropSpec(2, 24, (0.3, 1.0)), CropSpec(2, 12, (0.1, 0.3))]
-    source = InMemoryViews(images, labels, batch_size=8, crops=crops, seed=0, pin_memory=True)
+    source = IndexedViews([MemorySource("x", images, labels)], global_batch=8, micro_batch=8, crops=crops,
+                          photometric=Photometric(), pin_memory=True)  # fmt: skip
     batch = next(iter(source))
-    assert len(pinned) == 3 and all(t.is_contiguous() for t in pinned)  # 2 crop kinds + labels
+    assert len(pinned) == 5 and all(
+        t.is_contiguous() for t in pinned
+    )  # 2 crop kinds, their parameters, labels
     assert batch.views[0].stride()[2] != 0  # not the broadcast view
     pinned.clear()
     loader_batch = ViewBatch(views=[torch.zeros(2, 4, 1, 8, 8).expand(-1, -1, 3, -1, -1)], labels=None)

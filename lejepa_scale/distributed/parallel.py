@@ -20,7 +20,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torchtitan.distributed.activation_checkpoint import SelectiveAC
 
 from lejepa_scale.distributed.float8 import apply_float8, plain_tensor
 from lejepa_scale.distributed.process_groups import DistEnv
@@ -50,6 +49,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
     if mode == "op":
         units = repeated_blocks(model)
         if units:  # torchtitan wraps the children of a `.layers` attribute: hand it the block container
+            from torchtitan.distributed.activation_checkpoint import SelectiveAC  # 0.5 s: only when used
+
             holder = nn.Module()
             holder.layers = units[0][0]
             SelectiveAC(SelectiveAC.Config(force_recompute_mm_shapes_by_fqns=[])).apply(holder)

@@ -152,18 +152,35 @@ class LeJEPAModel(nn.Module):
             tokens = block(tokens)
         return [b.forward_head(b.norm(x)) for x in tokens]
 
-    def forward(self, global_views: torch.Tensor, local_views: torch.Tensor | None = None) -> ModelOutput:
-        """global_views: (Vg, B, C, H, W); local_views: (Vl, B, C, h, w) or None."""
-        n_global, batch = global_views.shape[:2]
-        crops = [global_views.flatten(0, 1)] + (
-            [local_views.flatten(0, 1)] if local_views is not None else []
-        )
-        feats = self.encode(crops)
-        z = self.projector(torch.cat(feats))
+    def forward(
+        self,
+        global_views: torch.Tensor | None = None,
+        local_views: torch.Tensor | None = None,
+        *,
+        features: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        encode_only: bool = False,
+    ) -> ModelOutput | tuple[torch.Tensor, torch.Tensor | None]:
+        """global_views: (Vg, B, C, H, W); local_views: (Vl, B, C, h, w) or None. With `encode_only`,
+        the backbone features (Vg, B, D) and (Vl, B, D) (or None); given `features`, the projector on
+        them. Each is one call of the model, so a sharded model gathers its root for it (gradient
+        accumulation calls the two halves apart)."""
+        if features is None:
+            n_global, batch = global_views.shape[:2]
+            crops = [global_views.flatten(0, 1)] + (
+                [local_views.flatten(0, 1)] if local_views is not None else []
+            )
+            feats = self.encode(crops)
+            features = (feats[0].unflatten(0, (n_global, batch)),
+                        feats[1].unflatten(0, (-1, batch)) if len(feats) > 1 else None)  # fmt: skip
+            if encode_only:
+                return features
+        features_global, features_local = features
+        n_global, batch = features_global.shape[:2]
+        z = self.projector(torch.cat([f.flatten(0, 1) for f in features if f is not None]))
         # clones, not views: FSDP's backward hooks must not be bypassed by a later in-place op
         z_global, z_local = z[: n_global * batch], z[n_global * batch :]
         return ModelOutput(
-            features_global=feats[0].unflatten(0, (n_global, batch)).clone(),
+            features_global=features_global.clone(),
             z_global=z_global.unflatten(0, (n_global, batch)).clone(),
-            z_local=z_local.unflatten(0, (-1, batch)).clone() if local_views is not None else None,
+            z_local=z_local.unflatten(0, (-1, batch)).clone() if features_local is not None else None,
         )

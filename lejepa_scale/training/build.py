@@ -21,13 +21,13 @@ from timm.optim import param_groups_weight_decay
 from torch.distributed.checkpoint.stateful import Stateful
 
 from data_pipeline.builtin import load_builtin
-from data_pipeline.in_memory import InMemoryViews
+from data_pipeline.indexed import IndexedViews, MemorySource, ShardSource
 from data_pipeline.shards import resolve_classes, resolve_shards
 from data_pipeline.stream import ShardViews
 from data_pipeline.views import CropSpec, Photometric
 from lejepa_scale.checkpointing.checkpoint import Checkpointer, complete_checkpoints
 from lejepa_scale.checkpointing.states import ModelState, OptimizerState
-from lejepa_scale.config import Config, ConfigError, to_yaml
+from lejepa_scale.config import Config, ConfigError, batches, to_yaml
 from lejepa_scale.distributed.collectives import from_rank0
 from lejepa_scale.distributed.float8 import float8_scale_update
 from lejepa_scale.distributed.parallel import parallelize
@@ -161,32 +161,37 @@ def crop_specs(cfg: Config) -> list[CropSpec]:
     return specs
 
 
-def build_loader(cfg: Config, env: DistEnv) -> tuple[InMemoryViews | ShardViews, int | None, str]:
-    """This rank's stream of uint8 multi-crop batches, the number of classes if labels exist, and
-    what the data is (for the start log: a built-in set may have fallen back to another)."""
-    common = dict(
-        batch_size=cfg.train.batch_size,
-        crops=crop_specs(cfg),
-        flip_p=cfg.views.flip_p,
-        seed=cfg.run.seed,
-        rank=env.rank,
-        world_size=env.world_size,
-        pin_memory=env.device.type == "cuda",
+def build_loader(cfg: Config, env: DistEnv) -> tuple[IndexedViews | ShardViews, int | None, str]:
+    """This rank's micro-batches of uint8 multi-crop views (with each view's photometric parameters),
+    the number of classes if labels exist, and what the data is (for the start log: a built-in set
+    may have fallen back to another). Built-in sets and local plain-tar shards are read in the
+    world-size-free global order (`data.order=indexed`); `stream` reads shards rank by rank."""
+    split = batches(cfg, env.world_size)
+    common = dict(crops=crop_specs(cfg), photometric=build_photometric(cfg), flip_p=cfg.views.flip_p,
+                  seed=cfg.run.seed, rank=env.rank, world_size=env.world_size,
+                  pin_memory=env.device.type == "cuda")  # fmt: skip
+    indexed = dict(
+        global_batch=split.global_size, micro_batch=split.micro, block_shards=cfg.data.shuffle_shards
     )
-    if cfg.data.source == "shards":
-        shards = resolve_shards(cfg.data.train)
-        loader = ShardViews(
-            shards,
-            num_workers=cfg.data.num_workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            **common,
-        )
-        classes = resolve_classes(cfg.data.train)
-        what = f"{sum(s.count for s in shards)} images in {len(shards)} shards of {cfg.data.train}"
-        return loader, len(classes) if classes else None, what
-    dataset = load_builtin(cfg.data.source, cfg.data.root)
-    loader = InMemoryViews(dataset.train_images, dataset.train_labels, **common)
-    return loader, dataset.num_classes, f"{dataset.name}, {len(dataset.train_images)} images"
+    if cfg.data.source != "shards":
+        dataset = load_builtin(cfg.data.source, cfg.data.root)
+        source = MemorySource(dataset.name, dataset.train_images, dataset.train_labels)
+        loader = IndexedViews([source], **indexed, **common)
+        return loader, dataset.num_classes, f"{dataset.name}, {len(dataset.train_images)} images"
+    shards = resolve_shards(cfg.data.train)
+    what = f"{sum(s.count for s in shards)} images in {len(shards)} shards of {cfg.data.train}"
+    classes = resolve_classes(cfg.data.train)
+    plain = all(s.path.endswith(".tar") for s in shards)
+    if cfg.data.order == "indexed" and not plain:
+        raise ConfigError("data.order=indexed reads plain .tar shards by index; these are compressed or "
+                          "remote: use data.order=stream (or auto)")  # fmt: skip
+    if cfg.data.order == "stream" or not plain:
+        loader = ShardViews(shards, batch_size=split.micro, num_workers=cfg.data.num_workers,
+                            shuffle_buffer=cfg.data.shuffle_buffer, **common)  # fmt: skip
+        return loader, len(classes) if classes else None, f"{what}, streamed by rank"
+    source = ShardSource(str(cfg.data.train), shards)
+    loader = IndexedViews([source], num_workers=cfg.data.num_workers, **indexed, **common)
+    return loader, len(classes) if classes else None, what
 
 
 def build_photometric(cfg: Config) -> Photometric:
@@ -231,10 +236,11 @@ def build_metrics_logger(
 ) -> MetricsLogger:
     """The metrics sink of a run starting at `start_step`; the wandb run id it continues (from the
     checkpoint's `meta`, else the run dir) goes into `meta`, so every later checkpoint carries it."""
+    per_rank = batches(cfg, env.world_size).per_rank
     logger = MetricsLogger(
         Path(cfg.run.dir), cfg.train.steps, start_step=start_step, enabled=env.is_main,
-        batch_size=cfg.train.batch_size, world_size=env.world_size, device=env.device,
-        flops_per_step=step_flops(model, cfg), lam=cfg.loss.lam, alpha=cfg.log.alpha,
+        batch_size=per_rank, world_size=env.world_size, device=env.device,
+        flops_per_step=step_flops(model, cfg, per_rank), lam=cfg.loss.lam, alpha=cfg.log.alpha,
         alarm_after=cfg.optim.warmup_steps, wandb_setting=cfg.log.wandb, run_id=meta.get("wandb_run_id"),
         project=cfg.log.project, entity=cfg.log.entity, name=cfg.run.name,
         config=OmegaConf.to_container(OmegaConf.structured(cfg)),
@@ -249,7 +255,7 @@ class Run:
     """A run's components, as the training loop uses them."""
 
     model: LeJEPAModel
-    loader: InMemoryViews | ShardViews
+    loader: IndexedViews | ShardViews
     step: TrainingStep
     checkpointer: Checkpointer
     meta: dict[str, Any]  # what every checkpoint's meta.json adds: the resolved config, the wandb run id
@@ -258,6 +264,10 @@ class Run:
 def build_run(cfg: Config, env: DistEnv) -> Run:
     """Every component of a run, wired together, and the start line logged. A run that will resume
     (or start from `checkpoint.load_from`) only allocates its model: the checkpoint fills it."""
+    if env.is_main:
+        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     resuming = from_rank0(
         cfg.checkpoint.enabled and bool(complete_checkpoints(Path(cfg.run.dir) / "checkpoints"))
     )
@@ -269,8 +279,7 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     loader, num_classes, data = build_loader(cfg, env)
     probe = build_probe(cfg, model.feature_dim, num_classes, env)
     swa = build_swa(cfg, env, model)
-    augment = torch.Generator(device=env.device)
-    rng = RandomState({"augment": augment}, env.rank)
+    rng = RandomState({}, env.rank)  # drop path draws from torch's stream; views carry their own
     rng.seed(cfg.run.seed)
     state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer), "schedule": scheduler}
     state |= {name: part for name, part in (("probe", probe), ("swa", swa)) if part is not None}
@@ -278,17 +287,19 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     checkpointer = build_checkpointer(cfg, env, state, {"loader": loader, "rng": rng}, meta)
     step = TrainingStep(
         model=model, loss_fn=build_loss(cfg), optimizer=optimizer, scheduler=scheduler,
-        photometric=build_photometric(cfg), augment=augment,
+        photometric=build_photometric(cfg),
         autocast=torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"),
         device=env.device, n_global=cfg.views.n_global, clip_grad=cfg.optim.clip_grad, probe=probe,
         target=swa, before_update=checkpointer.wait_for_staging, after_update=float8_scale_update(model),
         corrupt_total=lambda: getattr(loader, "corrupt_total", 0),
     )  # fmt: skip
     if env.is_main:
-        log.info("%s: %.1fM parameters, %d rank(s) on %s, %d steps of %d per rank (data: %s); model %s in "
-                 "%.2f s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, env.world_size,
-                 env.device.type, cfg.train.steps, cfg.train.batch_size, data,
-                 "initialised" if initialize else "allocated for a checkpoint", t_build)  # fmt: skip
+        split, params = batches(cfg, env.world_size), sum(p.numel() for p in model.parameters()) / 1e6
+        built = "initialised" if initialize else "allocated for a checkpoint"
+        log.info("%s: %.1fM parameters, %d rank(s) on %s, %d steps of %d samples (%d per rank: %d x %d) "
+                 "(data: %s); model %s in %.2f s", cfg.model.name, params, env.world_size, env.device.type,
+                 cfg.train.steps, split.global_size, split.per_rank, split.accumulation, split.micro, data,
+                 built, t_build)  # fmt: skip
         interfaces = {
             k: os.environ[k] for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k in os.environ
         }

@@ -76,9 +76,10 @@ def flops_per_sample(shape: ModelShape, cfg: Config) -> float:
     return 3 * total
 
 
-def step_flops(model: nn.Module, cfg: Config) -> float | None:
-    """Model FLOPs of one training step on one rank (forward + backward); None for non-ViT models."""
+def step_flops(model: nn.Module, cfg: Config, samples: int) -> float | None:
+    """Model FLOPs of one training step of `samples` images on one rank (forward + backward); None for
+    non-ViT models."""
     try:
-        return flops_per_sample(ModelShape.of(model, cfg), cfg) * cfg.train.batch_size
+        return flops_per_sample(ModelShape.of(model, cfg), cfg) * samples
     except ValueError:
         return None

@@ -240,3 +240,35 @@ def throughput(
 def scaled_loss(loss: float, lam: float, alpha: float) -> float:
     """loss / lam**alpha: the paper's label-free signal that tracks linear-probe accuracy across runs."""
     return loss / lam**alpha if lam > 0 else float("nan")
+
+
+class SampleLog:
+    """`log.sample_keys=true`: `<run.dir>/samples/rank<R>.jsonl`, one line per step with the keys of
+    every sample this rank trained on, `{"step": s, "keys": [...]}`, appended across restarts. A
+    resumed run first drops, from every rank's file (also those of ranks a smaller job no longer
+    has), the lines of the steps it trains again; rank 0 does it before its first step, which every
+    rank waits for, so no rank appends before. Disabled, it writes nothing."""
+
+    def __init__(self, run_dir: Path, rank: int, start_step: int, enabled: bool):
+        self.file = None
+        if not enabled:
+            return
+        folder = Path(run_dir) / "samples"
+        if rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in folder.glob("rank*.jsonl"):
+                kept = [
+                    line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step
+                ]
+                path.write_text("".join(f"{line}\n" for line in kept))  # in place: other ranks append to it
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / f"rank{rank}.jsonl", "a")  # noqa: SIM115
+
+    def write(self, step: int, keys: list[str]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "keys": keys}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

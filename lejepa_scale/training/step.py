@@ -1,6 +1,15 @@
 """One optimisation step: forward every crop size, the LeJEPA loss, backward, gradient norm (and
 clipping), AdamW; what the accelerators execute, kept apart from the loop that feeds and logs it.
 
+Gradient accumulation is exact: SIGReg and the projector's BatchNorm are nonlinear in statistics
+of the whole batch, so K micro-batches cannot each take their own loss. Instead the backbone's
+features of every micro-batch come first, without autograd (a forward pass each); the projector
+and the loss then run once on all of them, with autograd from the features on, which gives the
+loss of the whole batch and its gradient with respect to every feature; last, each micro-batch's
+backbone runs again (the same random state, so drop path draws the same masks) and back-propagates
+its features' gradient. The gradients equal those of one step on the whole batch, at the cost of
+one more forward pass of the backbone (about a third of a plain step's compute).
+
 Nothing here reads a device value on the host: a non-finite gradient skips the update on the
 device (fused AdamW's `found_inf`, as mixed-precision scaling uses it), so the CPU can queue the next
 step while this one runs.
@@ -14,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor
-from torchtitan.distributed.utils import clip_grad_norm_
 
 from data_pipeline.views import Photometric, ViewBatch
 from lejepa_scale.method.model import LeJEPAModel, ModelOutput
@@ -39,7 +47,7 @@ def train_step(
     loss_fn: LeJEPALoss,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    views: list[torch.Tensor],
+    views: list[torch.Tensor] | list[list[torch.Tensor]],
     step: int,
     autocast: torch.autocast,
     *,
@@ -49,17 +57,24 @@ def train_step(
     target: WeightAverage | None = None,
 ) -> StepResult:
     """Forward every crop size, the LeJEPA loss (SIGReg over the global batch), backward, AdamW.
-    The gradient norm is global (one all-reduce), so a NaN/Inf anywhere makes it non-finite on every
-    rank and every rank skips the update. `clip_grad` > 0 clips to that norm. `before_update` runs
-    right before parameters change (the checkpointer waits there for its background copy),
-    `after_update` right after (float8 all-gathers precompute their weights' scales there). With an
-    SWA `target`, the centres come from it, and it averages the updated weights."""
-    with autocast:
-        out = model(views[0], views[1] if len(views) > 1 else None)
-    centres = target.centres(views[0], autocast) if target is not None else None
-    parts = loss_fn(out.z_global, out.z_local, step, centres=centres)
+    `views` is the step's crops [global, local], or the list of its micro-batches' crops (exact
+    gradient accumulation, see the module docstring). The gradient norm is global (one all-reduce),
+    so a NaN/Inf anywhere makes it non-finite on every rank and every rank skips the update.
+    `clip_grad` > 0 clips to that norm. `before_update` runs right before parameters change (the
+    checkpointer waits there for its background copy), `after_update` right after (float8
+    all-gathers precompute their weights' scales there). With an SWA `target`, the centres come
+    from it, and it averages the updated weights."""
+    micro_batches = views if isinstance(views[0], list) else [views]
     optimizer.zero_grad(set_to_none=True)
-    parts.total.backward()
+    if len(micro_batches) == 1:
+        (global_views, *local_views) = micro_batches[0]
+        with autocast:
+            out = model(global_views, local_views[0] if local_views else None)
+        centres = target.centres(global_views, autocast) if target is not None else None
+        parts = loss_fn(out.z_global, out.z_local, step, centres=centres)
+        parts.total.backward()
+    else:
+        out, parts = accumulate(model, loss_fn, micro_batches, step, autocast, target)
     norm = grad_norm(model, clip_grad)
     skipped = (~torch.isfinite(norm)).float()
     lr = optimizer.param_groups[0]["lr"]
@@ -75,19 +90,73 @@ def train_step(
     return StepResult(parts, out, lr, norm, skipped)
 
 
+def accumulate(
+    model: LeJEPAModel,
+    loss_fn: LeJEPALoss,
+    micro_batches: list[list[torch.Tensor]],
+    step: int,
+    autocast: torch.autocast,
+    target: WeightAverage | None,
+) -> tuple[ModelOutput, LossParts]:
+    """The gradients of one step on the concatenated micro-batches (see the module docstring)."""
+    device = micro_batches[0][0].device
+    states, features = [], []
+    with torch.no_grad():
+        for global_views, *local_views in micro_batches:
+            states.append(random_state(device))
+            with autocast:
+                features.append(
+                    model(global_views, local_views[0] if local_views else None, encode_only=True)
+                )
+    whole = tuple(
+        None if parts[0] is None else torch.cat(parts, 1).detach().requires_grad_()  # along the batch
+        for parts in zip(*features, strict=True)
+    )
+    centres = None
+    if target is not None:
+        centres = torch.cat([target.centres(views[0], autocast) for views in micro_batches])
+    with autocast:
+        out = model(features=whole)
+    parts = loss_fn(out.z_global, out.z_local, step, centres=centres)
+    parts.total.backward()
+    sizes = [f[0].shape[1] for f in features]
+    grads = [None if f is None else f.grad.split(sizes, 1) for f in whole]
+    for k, (global_views, *local_views) in enumerate(micro_batches):
+        set_random_state(device, states[k])
+        with autocast:
+            again = model(global_views, local_views[0] if local_views else None, encode_only=True)
+        pairs = [(f, g[k]) for f, g in zip(again, grads, strict=True) if f is not None]
+        torch.autograd.backward([f for f, _ in pairs], [g for _, g in pairs])
+    return out, parts
+
+
+def random_state(device: torch.device) -> tuple:
+    """The torch streams a forward pass draws from (drop path), to draw the same again."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_random_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def grad_norm(model: torch.nn.Module, clip: float = 0.0) -> torch.Tensor:
     """The L2 norm of the whole (unsharded) gradient, the same on every rank; with `clip` > 0 the
     gradient is scaled down to that norm (torchtitan's clip_grad_norm_, DTensor-aware)."""
     if clip > 0:
+        from torchtitan.distributed.utils import clip_grad_norm_  # 0.5 s to import: only when clipping
+
         return clip_grad_norm_(list(model.parameters()), clip)
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 class TrainingStep:
-    """The step proper, as the loop calls it once per step: the batch to the device, the batched
-    photometric augmentation, `train_step`, the counters of skipped updates (in all, and in a row)
-    and the online probe. Returns device tensors only: nothing here waits for the device."""
+    """The step proper, as the loop calls it once per step: the micro-batches to the device, the
+    batched photometric augmentation (each view's parameters were drawn by its data source),
+    `train_step`, the counters of skipped updates (in all, and in a row) and the online probe.
+    Returns device tensors only: nothing here waits for the device."""
 
     def __init__(
         self,
@@ -97,7 +166,6 @@ class TrainingStep:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         photometric: Photometric,
-        augment: torch.Generator,
         autocast: torch.autocast,
         device: torch.device,
         n_global: int,
@@ -109,25 +177,40 @@ class TrainingStep:
         corrupt_total: Callable[[], int] = lambda: 0,
     ):
         self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
-        self.photometric, self.augment, self.autocast, self.device = photometric, augment, autocast, device
+        self.photometric, self.autocast, self.device = photometric, autocast, device
         self.n_global, self.clip_grad, self.probe, self.target = n_global, clip_grad, probe, target
         self.before_update, self.after_update, self.corrupt_total = before_update, after_update, corrupt_total
         self.skipped = self.streak = torch.zeros((), device=device)  # skipped updates: in all, in a row
 
-    def __call__(self, batch: ViewBatch, step: int) -> tuple[StepResult, dict[str, torch.Tensor | int]]:
-        views = [self.photometric(v.to(self.device, non_blocking=True), self.augment) for v in batch.views]
+    def __call__(
+        self, batches: list[ViewBatch], step: int
+    ) -> tuple[StepResult, dict[str, torch.Tensor | int]]:
+        """One step on its micro-batches (one without gradient accumulation)."""
+
+        def on_device(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True)
+
+        micro_batches = [
+            [
+                self.photometric.apply(on_device(v), on_device(p))
+                for v, p in zip(b.views, b.photometric, strict=True)
+            ]
+            for b in batches
+        ]
         result = train_step(
-            self.model, self.loss_fn, self.optimizer, self.scheduler, views, step, self.autocast,
+            self.model, self.loss_fn, self.optimizer, self.scheduler, micro_batches, step, self.autocast,
             clip_grad=self.clip_grad, before_update=self.before_update, after_update=self.after_update,
             target=self.target,
         )  # fmt: skip
         self.skipped, self.streak = self.skipped + result.skipped, (self.streak + 1) * result.skipped
         counters = {"skipped_nonfinite": self.skipped, "nonfinite_streak": self.streak,
                     "corrupt_samples": self.corrupt_total()}  # fmt: skip
-        if self.probe is not None and batch.labels is not None:
-            labels = batch.labels.to(self.device, non_blocking=True).repeat(self.n_global)
-            features = result.output.features_global.flatten(0, 1)
-            counters["probe_loss"], counters["probe_acc"] = self.probe.step(features, labels)
+        if self.probe is not None and batches[0].labels is not None:
+            labels = torch.cat([batch.labels for batch in batches]).to(self.device, non_blocking=True)
+            features = result.output.features_global.flatten(0, 1)  # view-major, like the labels repeated
+            counters["probe_loss"], counters["probe_acc"] = self.probe.step(
+                features, labels.repeat(self.n_global)
+            )
         return result, counters
 
 
