@@ -42,11 +42,11 @@ def main() -> None:
     batches = iter(run.loader)
     run.model.train()
     for step in range(2):
-        run.step(next(batches), step)
+        run.step([next(batches)], step)
     # rank 0: the whole state after step 2's update, copied (on CPU, buffers would alias the model's)
     live = {name: value.clone() for name, value in full_state_dict(run.model).items()}
     run.checkpointer.save(2)  # in the background
-    run.step(next(batches), 2)  # changes every weight once the copy is done
+    run.step([next(batches)], 2)  # changes every weight once the copy is done
     run.checkpointer.finish()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -24,4 +24,5 @@ for name in $NAMES; do
     -d .whl "$name==$version"
 done
 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w .whl .   # the project: its metadata (version)
+rm -rf build
 ls -1 .whl && du -sh .whl

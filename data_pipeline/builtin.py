@@ -1,13 +1,16 @@
-"""Small labelled image sets that ship with the machine: the CPU demo's data.
+"""Small labelled image sets for the CPU demo: Fashion-MNIST and scikit-learn's digits.
 
-Fashion-MNIST comes from Debian's `dataset-fashion-mnist` (idx files); scikit-learn's bundled
-digits are the fallback when it is absent.
+Fashion-MNIST's idx files are looked for in Debian's `dataset-fashion-mnist`, then in this user's
+cache (`~/.cache/lejepa_scale`, or under XDG_CACHE_HOME), then downloaded there with torchvision's
+downloader (its mirrors, md5-checked); scikit-learn's bundled digits are the fallback when all
+three fail, and one line says which data is used and why.
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,18 +78,48 @@ def load_digits(test_fraction: float = 1 / 3, seed: int = 0) -> LabelledImages:
     return LabelledImages("digits", images[train], labels[train], images[test], labels[test])
 
 
+def cache_dir() -> Path:
+    """Where downloaded datasets are kept: $XDG_CACHE_HOME/lejepa_scale, else ~/.cache/lejepa_scale."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lejepa_scale"
+
+
+def _has_fashion_mnist(folder: Path) -> bool:
+    return any(folder.glob("train-images-idx3-ubyte*")) and any(folder.glob("t10k-labels-idx1-ubyte*"))
+
+
+def find_fashion_mnist(root: str | None = None) -> tuple[Path | None, str]:
+    """The folder holding Fashion-MNIST's idx files and where it came from, or None and where it is
+    not ("Fashion-MNIST is <that>"): `root` when given; else Debian's package, the cache, a download
+    into the cache."""
+    if root:
+        found = Path(root) if _has_fashion_mnist(Path(root)) else None
+        return found, f"data.root {root}" if found else f"not under data.root {root} (no idx files there)"
+    if _has_fashion_mnist(Path(FASHION_MNIST_DIR)):
+        return Path(FASHION_MNIST_DIR), f"Debian's dataset-fashion-mnist ({FASHION_MNIST_DIR})"
+    cached = cache_dir() / "FashionMNIST" / "raw"
+    if _has_fashion_mnist(cached):
+        return cached, f"the cache ({cached})"
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        FashionMNIST(cache_dir(), train=True, download=True)  # both splits, md5-checked, unpacked
+    except Exception as e:  # no network, a mirror down, a bad checksum: all say why on one line
+        why = " ".join(str(e).split())
+        return None, (f"not in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist) nor in {cached}, "
+                      f"and its download failed ({why})")  # fmt: skip
+    return cached, f"a download into the cache ({cached})"
+
+
 def load_builtin(name: str, root: str | None = None) -> LabelledImages:
-    """`fashion_mnist` (falls back to `digits`, with a warning, when its files are absent) or `digits`."""
+    """`fashion_mnist` (found or fetched as `find_fashion_mnist` says; else scikit-learn's digits,
+    with a warning that says why) or `digits`."""
     if name == "digits":
         return load_digits()
     if name != "fashion_mnist":
         raise ValueError(f"data.source: unknown built-in dataset {name!r}; use 'fashion_mnist' or 'digits'")
-    root = root or FASHION_MNIST_DIR
-    if not any(Path(root).glob("train-images-idx3-ubyte*")):
-        log.warning(
-            "Fashion-MNIST not found under %s (install it with `apt-get install dataset-fashion-mnist` "
-            "or set data.root); falling back to scikit-learn's digits.",
-            root,
-        )
+    folder, where = find_fashion_mnist(root)
+    if folder is None:
+        log.warning("Fashion-MNIST is %s: using scikit-learn's digits instead", where)
         return load_digits()
-    return load_fashion_mnist(root)
+    log.info("Fashion-MNIST from %s", where)
+    return load_fashion_mnist(folder)

@@ -163,6 +163,7 @@ class DemoConfig:
     probe_epochs: int = 100
     probe_lr: float = 1e-2
     batch_size: int = 512
+    probe_size: int = 0  # the side features are probed at (0: native; pixels are probed at native size)
 
 
 @dataclass

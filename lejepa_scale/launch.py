@@ -31,10 +31,10 @@ import torch.distributed as dist
 from data_pipeline.shards import shard_paths
 from lejepa_scale.checkpointing.checkpoint import newest_step, resolve_checkpoint
 from lejepa_scale.cluster.attempts import Attempt, Limits, lost_peer, record
-from lejepa_scale.cluster.executor import network_environment, sbatch_script, slurm_executor
+from lejepa_scale.cluster.executor import network_environment, node_range, sbatch_script, slurm_executor
 from lejepa_scale.cluster.preemption import EXIT_PREEMPTED, Preempted
 from lejepa_scale.cluster.status import print_status, run_status
-from lejepa_scale.config import Config, ConfigError, from_yaml, load_config, to_yaml
+from lejepa_scale.config import Config, ConfigError, batches, from_yaml, load_config, to_yaml
 from lejepa_scale.logging_setup import configure_logging
 from lejepa_scale.training.build import check_model
 
@@ -95,13 +95,38 @@ class TrainJob(submitit.helpers.Checkpointable):
 # -- submission --------------------------------------------------------------------------------------
 
 
-def check_launchable(cfg: Config, world_size: int, gpus_per_node: int) -> None:
-    """What load_config cannot know: the world size, the model timm builds, the device."""
+def check_world(cfg: Config, world_size: int) -> None:
+    """What a world size must allow: HSDP's replicas and the global batch divide it."""
     if world_size % cfg.parallel.dp_replicate:
         raise ConfigError(
             f"parallel.dp_replicate={cfg.parallel.dp_replicate} must divide the world size {world_size} "
             "(nodes x tasks per node); set it to the number of nodes for HSDP"
         )
+    batches(cfg, world_size)
+
+
+def check_launchable(
+    cfg: Config, world_sizes: list[int], gpus_per_node: int, tasks_per_node: int = 1
+) -> None:
+    """What load_config cannot know: the world sizes the job may get, the model timm builds, the
+    device. With several (--nodes MIN-MAX), the node counts that cannot run are named."""
+    if len(world_sizes) == 1:
+        check_world(cfg, world_sizes[0])
+    else:
+        refused = {}
+        for world in world_sizes:
+            try:
+                check_world(cfg, world)
+            except ConfigError as e:
+                refused[world] = str(e)
+        if refused:
+            nodes = {w: w // tasks_per_node for w in world_sizes}
+            fine = [str(nodes[w]) for w in world_sizes if w not in refused]
+            bad, why = ", ".join(str(nodes[w]) for w in refused), next(iter(refused.values()))
+            raise ConfigError(
+                f"--nodes {nodes[world_sizes[0]]}-{nodes[world_sizes[-1]]}: {bad} node(s) cannot run "
+                f"({why}); the node counts that can: {', '.join(fine) or 'none'}"
+            )
     check_model(cfg)
     if gpus_per_node == 0 and cfg.train.device == "cuda":
         raise ConfigError("train.device=cuda but the job requests no GPUs (--gpus-per-node 0)")
@@ -151,10 +176,12 @@ def submit(args: argparse.Namespace) -> int:
     cfg.run.dir = str(Path(cfg.run.dir).resolve())  # the job may start in another directory
     run_dir = Path(cfg.run.dir)
     if args.local:
-        check_launchable(cfg, args.local, gpus_per_node=torch.cuda.device_count())
+        check_launchable(cfg, [args.local], gpus_per_node=torch.cuda.device_count())
     else:
         args.tasks_per_node = args.tasks_per_node or args.gpus_per_node or 1
-        check_launchable(cfg, args.nodes * args.tasks_per_node, args.gpus_per_node)
+        low, high = node_range(args.nodes)
+        world_sizes = [n * args.tasks_per_node for n in range(low, high + 1)]
+        check_launchable(cfg, world_sizes, args.gpus_per_node, args.tasks_per_node)
     missing = missing_inputs(cfg)
     if args.dry_run:  # the script, and what a real submission would refuse
         print(sbatch_script(args, cfg, run_dir / "slurm"), end="")
@@ -194,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
         description="Submit LeJEPA training to SLURM (or run it locally); `status RUN_DIR` reports on a run.",
     )
     p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", default="1", help="N, or MIN-MAX: SLURM starts the job on as many as are free")
     p.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU-only jobs")
     p.add_argument("--tasks-per-node", type=int, help="default: one per GPU (1 without GPUs)")
     p.add_argument("--cpus-per-task", type=int, default=10, help="data workers + 1 main process")

@@ -19,6 +19,20 @@ sharding over `shard` ranks (the GPUs of a node under HSDP, all GPUs under FSDP)
 * a fixed allowance for the CUDA context and allocator fragmentation (`--reserve`).
 
 FLOPs come from the trainer's FLOPs model (`lejepa_scale.training.flops`).
+
+Communication per step and rank, as the buffers the collectives take or give (what FSDP2 pads
+each parameter's first dimension to a multiple of the shard degree for included):
+* all-gather: each block's parameters in the compute dtype twice (forward, backward: both crop
+  sizes in one call), the root's once (it stays gathered from forward to backward); with K
+  micro-batches, each block 3 K times (the features-only pass, then forward and backward);
+* reduce-scatter: every parameter's gradient in the reduce dtype once per backward;
+* all-reduce: under HSDP the sharded gradients across replicas once per backward; SIGReg's
+  cos/sin sums (forward and backward), the two global BatchNorms' moments (forward and backward),
+  the online probe's gradients.
+Their time at the stated bandwidths (ring collectives: a rank moves (n - 1) / n of an all-gather's
+or reduce-scatter's buffer and twice that of an all-reduce's), next to the compute time at the
+assumed MFU, decides `parallel.dp_replicate`: FSDP over every GPU moves its gathers over the
+network between nodes, HSDP keeps them on NVLink and sends only the gradient all-reduce across.
 """
 
 from __future__ import annotations
@@ -140,6 +154,71 @@ def largest_batch(
 HARDWARE = {"nodes": 1, "gpus_per_node": 8, "gpu_mem": 80.0}  # what is assumed unless given
 
 
+def padded(shapes: tuple[tuple[int, ...], ...], shard: int) -> int:
+    """Elements FSDP2 gathers for parameters of these shapes over `shard` ranks: each one's first
+    dimension padded to a multiple of the shard degree."""
+    return sum(math.ceil(s[0] / shard) * shard * math.prod(s[1:]) if s else shard for s in shapes)
+
+
+@dataclass
+class Communication:
+    """Bytes of one step's collectives on one rank (the buffers: all-gather output, reduce-scatter
+    input, all-reduce tensor), by kind, and the share of each that crosses nodes."""
+
+    all_gather: float
+    reduce_scatter: float
+    all_reduce: float  # the gradient all-reduce across replicas plus the small statistics
+    replica_all_reduce: float  # of which: HSDP's gradient all-reduce
+
+
+def communication(
+    shape: ModelShape, cfg: Config, *, shard: int, replicas: int, accumulation: int = 1, num_classes: int = 0
+) -> Communication:
+    """One step's collective buffers on one rank under FSDP over `shard` ranks and `replicas` HSDP
+    replicas (see the module docstring)."""
+    compute = 2 if cfg.train.precision == "bf16" else 4
+    reduce = 2 if cfg.parallel.reduce_dtype == "bf16" else 4
+    blocks, root = shape.depth * padded(shape.block_shapes, shard), padded(shape.root_shapes, shard)
+    gathers = 2 if accumulation == 1 else 3 * accumulation
+    gathered = (
+        (blocks * gathers + root * (1 if accumulation == 1 else 1 + accumulation)) * compute
+        if shard > 1
+        else 0
+    )
+    scattered = (blocks + root) * reduce * accumulation if shard > 1 else 0
+    across = (blocks + root) // shard * reduce * accumulation if replicas > 1 else 0
+    views = cfg.views.n_global + cfg.views.n_local
+    sigreg = 2 * (2 * views * cfg.loss.num_slices * cfg.loss.knots + 1) * 4  # forward and backward
+    batch_norm = 2 * 2 * (2 * shape.proj_hidden + 1) * 4  # two layers, forward and backward
+    probe = (shape.width * num_classes + num_classes + 2 * shape.width) * 4 if num_classes else 0
+    statistics = sigreg + batch_norm + probe if shard * replicas > 1 else 0
+    return Communication(gathered, scattered, across + statistics, across)
+
+
+@dataclass
+class Network:
+    """What one GPU sends and receives per second (GB/s): to GPUs of its node, to other nodes."""
+
+    nvlink: float
+    inter_node: float
+
+
+def communication_seconds(comm: Communication, *, shard: int, replicas: int, gpus_per_node: int,
+                          network: Network) -> tuple[float, float]:  # fmt: skip
+    """(seconds within nodes, seconds between nodes) of a step's collectives on ring algorithms."""
+    world = shard * replicas
+    ring = (comm.all_gather + comm.reduce_scatter) * (shard - 1) / max(1, shard)
+    statistics = 2 * (comm.all_reduce - comm.replica_all_reduce) * (world - 1) / max(1, world)
+    replica = 2 * comm.replica_all_reduce * (replicas - 1) / max(1, replicas)
+    sharded_across_nodes = shard > gpus_per_node
+    inside = 0.0 if sharded_across_nodes else ring / (network.nvlink * 1e9)
+    between = (
+        (ring if sharded_across_nodes else 0.0) + replica + (statistics if world > gpus_per_node else 0.0)
+    )
+    inside += 0.0 if world > gpus_per_node else statistics / (network.nvlink * 1e9)
+    return inside, between / (network.inter_node * 1e9)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m lejepa_scale.plan",
@@ -151,6 +230,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus-per-node", type=int, help=f"default {HARDWARE['gpus_per_node']}")
     parser.add_argument("--gpu-mem", type=float, help=f"GiB per GPU, default {HARDWARE['gpu_mem']:g}")
     parser.add_argument("--reserve", type=float, default=2.0, help="GiB for CUDA context and fragmentation")
+    parser.add_argument(
+        "--nvlink-gbs",
+        type=float,
+        default=350.0,
+        help="GB/s a GPU moves to the GPUs of its node (default 350: H100/H200 NVLink in NCCL)",
+    )
+    parser.add_argument(
+        "--network-gbs",
+        type=float,
+        default=40.0,
+        help="GB/s a GPU moves to other nodes (default 40: one 400 Gb/s NIC per GPU)",
+    )
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the compute time")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s (989: H100 SXM)")
+    parser.add_argument("--classes", type=int, default=1000, help="labels the online probe classifies")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
     assumed = [f"--{k.replace('_', '-')} {v:g}" for k, v in HARDWARE.items() if getattr(args, k) is None]
@@ -212,6 +306,54 @@ def main(argv: list[str] | None = None) -> None:
         print(
             "recommendation: nothing fits; shard over more GPUs (FSDP over all GPUs) or use a smaller model"
         )
+    print_communication(shape, cfg, args, world)
+
+
+def print_communication(shape: ModelShape, cfg: Config, args: argparse.Namespace, world: int) -> None:
+    """Per step and rank: the collectives' bytes and times under FSDP over all GPUs and under HSDP
+    with a replica per node, against the compute time; the dp_replicate that spends least."""
+    network, nodes, per_node = Network(args.nvlink_gbs, args.network_gbs), args.nodes, args.gpus_per_node
+    compute = flops_per_sample(shape, cfg) * cfg.train.batch_size / (args.mfu * args.peak_tflops * 1e12)
+    print(
+        f"communication per step and GPU (NVLink {args.nvlink_gbs:g} GB/s, between nodes "
+        f"{args.network_gbs:g} GB/s per GPU; compute {compute:.2f} s at {100 * args.mfu:g} % of "
+        f"{args.peak_tflops:g} TFLOP/s):"
+    )
+    header = ("dp_replicate", "all-gather", "reduce-sc.", "all-reduce", "in node", "between", "memory")
+    print("  " + "".join(f"{h:>13}" for h in header))
+    candidates = {}
+    for replicas in sorted({1, nodes}):
+        shard = world // replicas
+        comm = communication(shape, cfg, shard=shard, replicas=replicas, num_classes=args.classes)
+        inside, between = communication_seconds(
+            comm, shard=shard, replicas=replicas, gpus_per_node=per_node, network=network
+        )
+        ac = cfg.parallel.activation_checkpointing
+        memory = make_plan(
+            shape, cfg, shard=shard, batch=cfg.train.batch_size, ac=ac, reserve_gib=args.reserve
+        )
+        fits = memory.total <= args.gpu_mem * GiB
+        candidates[replicas] = (inside + between, fits)
+        sizes = [f"{b / GiB:.2f} GiB" for b in (comm.all_gather, comm.reduce_scatter, comm.all_reduce)]
+        cells = [
+            str(replicas),
+            *sizes,
+            f"{inside:.2f} s",
+            f"{between:.2f} s",
+            f"{memory.total / GiB:.1f} GiB",
+        ]
+        print("  " + "".join(f"{c:>13}" for c in cells) + ("" if fits else "  (does not fit)"))
+    fitting = {r: seconds for r, (seconds, fits) in candidates.items() if fits}
+    if not fitting:
+        print("recommendation: no dp_replicate fits the memory; see the batch and checkpointing above")
+        return
+    best = min(fitting, key=lambda r: (fitting[r], -r))
+    kind = "FSDP over all GPUs" if best == 1 else f"HSDP, a replica per node of {world // best} GPUs"
+    hidden = "less than" if fitting[best] <= compute else "more than"
+    print(
+        f"recommendation: parallel.dp_replicate={best} ({kind}): {fitting[best]:.2f} s of communication "
+        f"per step, {hidden} the {compute:.2f} s of compute it overlaps with"
+    )
 
 
 if __name__ == "__main__":

@@ -61,3 +61,13 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The final full state dict a run writes to `<run>/model.pt`."""
     return torch.load(Path(run_dir) / "model.pt", weights_only=True)
+
+
+def sample_sets(run_dir: Path) -> dict[int, set[str]]:
+    """For every step, the union of the sample keys all ranks trained on (`log.sample_keys=true`)."""
+    steps: dict[int, set[str]] = {}
+    for path in (Path(run_dir) / "samples").glob("rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            steps.setdefault(record["step"], set()).update(record["keys"])
+    return steps

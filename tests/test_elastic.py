@@ -5,14 +5,13 @@ one step on a batch of K·b."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import TINY_VIT, losses, run_train, weights
+from tests.helpers import TINY_VIT, losses, run_train, sample_sets, weights
 from tests.image_tree import class_tree_and_shards
 
 EXACT = [TINY_VIT, "loss.num_slices=64", "train.precision=fp32", "train.log_every=1", "log.sample_keys=true"]
@@ -23,16 +22,6 @@ def shards(tmp_path_factory) -> Path:
     """80 real JPEGs in 5 shards of 16: 8 steps of 16 cross an epoch boundary."""
     root = tmp_path_factory.mktemp("elastic")
     return class_tree_and_shards(root, classes=4, per_class=20, shard_size=16)[1]
-
-
-def sample_sets(run_dir: Path) -> dict[int, set[str]]:
-    """For every step, the union of the keys all ranks trained on."""
-    steps: dict[int, set[str]] = {}
-    for path in (run_dir / "samples").glob("rank*.jsonl"):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            steps.setdefault(record["step"], set()).update(record["keys"])
-    return steps
 
 
 def crashed_after(run_dir: Path, copy: Path, step: int) -> Path:

@@ -285,7 +285,7 @@ def test_sbatch_template_trains_and_requeues_itself_on_usr2(uninterrupted, tmp_p
     which save, and the script requeues the job, which resumes and finishes."""
     log = tmp_path / "job.out"
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}",
+        ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--mincpus=2", f"--output={log}",
          f"--export=ALL,NPROC_PER_NODE=2,PYTHON={sys.executable},NETWORK_INTERFACE=lo",
          ROOT / "slurm/train.sbatch",
          DEMO, f"run.dir={tmp_path}", *TINY],

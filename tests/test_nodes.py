@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lejepa_scale.checkpointing.checkpoint import newest_step
-from tests.helpers import DEMO, ENV, ROOT, losses, tiny_job, weights
+from tests.helpers import DEMO, ENV, ROOT, losses, sample_sets, tiny_job, weights
 
 CLUSTER = ["bash", str(ROOT / "slurm/local/two_nodes.sh")]
 STEPS = 120  # ≈ 15 s on 2 cores: room for a fault after checkpoint 10
@@ -118,7 +118,8 @@ JOB = [
     "--time",
     "15",
 ]
-SBATCH = ["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node=0", "--cpus-per-task=1", "--time", "15"]
+SBATCH = ["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node=0", "--cpus-per-task=1", "--mincpus=1",
+          "--time", "15"]  # fmt: skip
 
 
 class Run:
@@ -339,3 +340,31 @@ def test_status_shows_a_job_slurm_ended_with_its_reason_and_how_to_resume(two_no
     assert re.search(
         r"to resume: python -m lejepa_scale.launch --config \S+ --nodes 2 .* \(continues from step", status
     )
+
+
+def test_a_job_of_1_to_2_nodes_continues_on_the_node_left_with_the_same_samples(two_nodes, jobs, tmp_path):
+    """`launch --nodes 1-2` starts on both nodes; with one node drained and the job requeued, SLURM
+    restarts it on the node left, where it resumes at world size 1 (two micro-batches where each
+    rank took one) and trains on exactly the samples of an uninterrupted run, step by step."""
+    training = [*tiny_job(40), "log.wandb=disabled", "train.global_batch_size=32", "log.sample_keys=true"]
+    local = [sys.executable, "-m", "lejepa_scale.launch", "--config", str(DEMO), "--local", "1"]
+    local += [f"run.dir={tmp_path / 'local'}", *training]
+    subprocess.run(local, capture_output=True, env=ENV, cwd=ROOT, check=True, timeout=600)
+    launch = [sys.executable, "-m", "lejepa_scale.launch", "--config", str(DEMO), *JOB]
+    launch[launch.index("--nodes") + 1] = "1-2"
+    out = two_nodes("login", *launch, "--network-interface", "ib0", f"run.dir={tmp_path / 'job'}", *training)
+    jobs.append(job_id := out.split("submitted job ")[1].split()[0])
+    run = Run("submitit", job_id, tmp_path / "job")
+    wait_for_checkpoint([run], 10)
+    two_nodes("login", "scontrol", "update", "nodename=lj2", "state=drain", "reason=elastic-test")
+    try:
+        two_nodes("login", "scontrol", "requeue", job_id)
+        run.finish()
+    finally:
+        two_nodes("login", "scontrol", "update", "nodename=lj2", "state=resume")
+    starts = [e for e in run.events() if e["event"] == "start"]
+    assert (starts[0]["num_nodes"], starts[0]["world_size"]) == (2, 2)
+    assert (starts[-1]["num_nodes"], starts[-1]["world_size"]) == (1, 1) and starts[-1]["resume_step"] >= 10
+    assert sample_sets(run.run_dir) == sample_sets(tmp_path / "local") and len(sample_sets(run.run_dir)) == 40
+    status = two_nodes("login", sys.executable, "-m", "lejepa_scale.launch", "status", str(run.run_dir))
+    assert "2 node(s), world 2, from step 0" in status and "1 node(s), world 1, from step" in status

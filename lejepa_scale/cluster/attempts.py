@@ -116,7 +116,7 @@ class Attempt:
         if before and not before.ended() and before.claim(NODE_FAILURE, "ended by SLURM") is not None:
             reason = "SLURM ended and requeued the job with no word from the trainers (a node lost)"
             before.record(NODE_FAILURE, reason=reason, nodes={})
-        self.record("start", **fields)
+        self.record("start", num_nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", 1)), **fields)
 
     def claim(self, kind: str, details: str) -> int | None:
         """The first to report a failure of this attempt claims it (an exclusively created file), so

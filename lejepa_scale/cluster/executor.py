@@ -1,6 +1,6 @@
 """The submitit side of `python -m lejepa_scale.launch`: the SLURM executor with the project's batch
 script additions (the node preflight, the network interface, the line after srun that counts a lost
-node), the `--time` formats, and the sbatch text a dry run prints."""
+node), the `--time` and `--nodes` formats, and the sbatch text a dry run prints."""
 
 from __future__ import annotations
 
@@ -31,15 +31,28 @@ def parse_time(text: str) -> int:
     return max(1, round(minutes))
 
 
+def node_range(text: str) -> tuple[int, int]:
+    """`--nodes N` or `--nodes MIN-MAX` (SLURM's syntax) as (min, max)."""
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", str(text).strip())
+    if not match or int(match.group(1)) < 1 or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+        raise ConfigError(f"--nodes {text!r}: give a count (16) or a range (12-16)")
+    return int(match.group(1)), int(match.group(2) or match.group(1))
+
+
 class LaunchExecutor(submitit.SlurmExecutor):
     """submitit's executor, whose batch script gets one line after its srun: when the step ended
     with no word from the trainers (srun killed them all on losing a node), `slurm_job` counts and
     requeues it instead of leaving the job FAILED."""
 
     after_step: str = ""
+    tasks_per_node: int = 1
 
     def _make_submission_file_text(self, command: str, uid: str) -> str:
         return super()._make_submission_file_text(command, uid) + self.after_step
+
+    def _num_tasks(self) -> int:
+        """The most tasks the job can have: `--nodes MIN-MAX` reaches submitit as SLURM's string."""
+        return node_range(self.parameters.get("nodes", 1))[1] * self.tasks_per_node
 
 
 class SbatchPreview(LaunchExecutor):
@@ -63,10 +76,18 @@ def slurm_executor(
         "\n# lejepa_scale: a step that ended with no word from its trainers (a node lost) is requeued here\n"
         f"{python} -m lejepa_scale.cluster.attempts {shlex.quote(cfg.run.dir)} $? {limits}\n"
     )
+    # A node range must leave the task count open: with --ntasks-per-node in the header SLURM fixes
+    # the tasks at submission (MIN x tasks per node) and so allocates MIN nodes. The header asks each
+    # node for the CPUs of its tasks instead, and srun starts the tasks on every node the job got.
+    low, high = node_range(args.nodes)
+    per_node = {"ntasks_per_node": args.tasks_per_node} if low == high else {
+        "srun_args": [f"--ntasks-per-node={args.tasks_per_node}"]}  # fmt: skip
+    extra = {} if low == high else {"mincpus": args.tasks_per_node * args.cpus_per_task}
+    executor.tasks_per_node = args.tasks_per_node
     executor.update_parameters(
         job_name=cfg.run.name,
         nodes=args.nodes,
-        ntasks_per_node=args.tasks_per_node,
+        **per_node,
         gpus_per_node=args.gpus_per_node or None,
         cpus_per_task=args.cpus_per_task,
         mem=f"{args.mem_gb}GB" if args.mem_gb is not None else None,
@@ -77,7 +98,7 @@ def slurm_executor(
         qos=args.qos,
         constraint=args.constraint,
         exclude=args.exclude,
-        additional_parameters={"requeue": True, "open-mode": "append"},
+        additional_parameters={"requeue": True, "open-mode": "append", **extra},
         setup=[
             # srun does not inherit --cpus-per-task from the allocation since Slurm 22.05
             'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi',

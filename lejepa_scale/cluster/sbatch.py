@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                           capture_output=True, text=True, check=True).stdout.split()[0]  # fmt: skip
     port = 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
     # srun does not inherit --cpus-per-task from the allocation since Slurm 22.05: pass it on
-    command = ["srun", "--kill-on-bad-exit=1", f"--cpus-per-task={os.environ.get('SLURM_CPUS_PER_TASK', 1)}",
+    command = ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1",
+               f"--cpus-per-task={os.environ.get('SLURM_CPUS_PER_TASK', 1)}",
                sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
                "--nproc-per-node", str(args.nproc_per_node), "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"{head}:{port}", "--rdzv-id", os.environ["SLURM_JOB_ID"],

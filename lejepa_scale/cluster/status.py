@@ -52,6 +52,15 @@ def run_status(run_dir: Path) -> dict:
         "state": state,
         "slurm": slurm,
         "starts": sum(e["event"] == "start" for e in ours),
+        "attempts": [
+            {
+                "nodes": e.get("num_nodes"),
+                "world_size": e.get("world_size"),
+                "resume_step": e.get("resume_step"),
+            }
+            for e in ours
+            if e["event"] == "start"
+        ],
         "failures": [f"{e['event']}: {e['reason']}" for e in ours if e["event"] in FAILURES],
         "node_failures": sum(e["event"] == "node failure" for e in ours),
         "checkpoint": {"path": str(done[-1]), "step": checkpoint_step(done[-1])} if done else None,
@@ -74,6 +83,15 @@ def print_status(status: dict) -> None:
             else "never run",
         ),
         ("starts", f"{status['starts']} (1 + requeues; {status['node_failures']} after node failures)"),
+        (
+            "attempts",
+            "; ".join(
+                f"{a['nodes']} node(s), world {a['world_size']}, from step {a['resume_step']}"
+                for a in status["attempts"]
+                if a["nodes"] is not None
+            )
+            or "–",
+        ),
         ("failures", "; ".join(status["failures"]) or "none"),
         ("checkpoint", f"step {ckpt['step']} ({ckpt['path']})" if ckpt else "none complete"),
         (

@@ -24,6 +24,8 @@ class ModelShape:
     proj_hidden: int
     proj_dim: int
     proj_embed: int
+    block_shapes: tuple[tuple[int, ...], ...] = ()  # each parameter's shape in one block
+    root_shapes: tuple[tuple[int, ...], ...] = ()  # each parameter outside the blocks (FSDP's root)
 
     @classmethod
     def of(cls, model: nn.Module, cfg: Config) -> ModelShape:
@@ -35,6 +37,7 @@ class ModelShape:
                 f"the planner models ViT backbones (timm VisionTransformer); {cfg.model.name} is not one"
             )
         block = backbone.blocks[0]
+        in_blocks = {id(p) for b in backbone.blocks for p in b.parameters()}
         return cls(
             params=sum(p.numel() for p in model.parameters()),
             block_params=sum(p.numel() for p in block.parameters()),
@@ -46,6 +49,8 @@ class ModelShape:
             proj_hidden=cfg.model.proj_hidden_dim,
             proj_dim=cfg.model.proj_dim,
             proj_embed=cfg.model.proj_embed_dim,
+            block_shapes=tuple(tuple(p.shape) for p in block.parameters()),
+            root_shapes=tuple(tuple(p.shape) for p in model.parameters() if id(p) not in in_blocks),
         )
 
 
