@@ -79,14 +79,21 @@ class _MicroBatches(Dataset):
 
     def __getitem__(self, job: tuple[list[SampleRef], dict]) -> ViewBatch:
         refs, position = job
-        if all(isinstance(self.sources[ref.source], MemorySource) for ref in refs):
-            batch = self._crop(refs, position)
-        else:
-            items, corrupt = [], 0
-            for ref in refs:
-                item, replaced = self._sample(ref)
-                items.append(item)
-                corrupt += replaced
+        if len({ref.source for ref in refs}) == 1 and isinstance(self.sources[refs[0].source], MemorySource):
+            batch = self._crop(refs, position)  # the common case, cut in one go
+        else:  # shards, or a mixture: each sample on its own, in-memory ones cut per source
+            items, corrupt = [None] * len(refs), 0
+            for source in {ref.source for ref in refs}:
+                mine = [i for i, ref in enumerate(refs) if ref.source == source]
+                if isinstance(self.sources[source], MemorySource):
+                    cut = self._crop([refs[i] for i in mine], position)
+                    for j, i in enumerate(mine):
+                        items[i] = ([v[:, j] for v in cut.views], [p[:, j] for p in cut.photometric],
+                                    int(cut.labels[j]), cut.keys[j])  # fmt: skip
+                    continue
+                for i in mine:
+                    items[i], replaced = self._sample(refs[i])
+                    corrupt += replaced
             batch = ViewBatch.collate(items, corrupt, position)
         if not self.labelled:
             batch.labels = None
@@ -197,6 +204,16 @@ class IndexedViews:
 
     def state_dict(self) -> dict:
         return {**self.position.state_dict(), "corrupt_total": self.corrupt_total}
+
+    def counters(self) -> dict[str, float]:
+        """What the metrics report of the data: samples replaced as unreadable, and with several
+        sources the samples each gave so far (the same on every rank)."""
+        counts = {"corrupt_samples": self.corrupt_total}
+        if len(self.sources) > 1:
+            counts.update(
+                {f"samples/{s.name}": n for s, n in zip(self.sources, self.position.per_source, strict=True)}
+            )
+        return counts
 
     def load_state_dict(self, state: dict) -> None:
         self.position = Position.from_state(state)

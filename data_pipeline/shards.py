@@ -1,6 +1,12 @@
-"""Shard sets on disk: resolve a manifest, brace pattern or list to (path, sample count); read the
-samples of one shard in order (plain `.tar` or `.tar.zst`) with webdataset's tar iterators, or one
-sample at a time by its index (plain `.tar`: the members' offsets come from the tar headers)."""
+"""Shard sets: resolve a manifest, brace pattern or list to (path, sample count); read the samples of
+one shard in order (plain `.tar` or `.tar.zst`) with webdataset's tar iterators, or one sample at a
+time by its index (local plain `.tar`: the members' offsets come from the tar headers).
+
+A shard is a local path, a `pipe:` command whose standard output is the tar (webdataset's gopen
+runs it), or a URL fsspec opens (`https://`, `s3://` with s3fs, `gs://` with gcsfs). A remote shard
+whose read breaks (a connection reset, a server restarted, a command that failed) is opened again
+after a backoff and read on after the last sample it gave; only after RETRIES tries is it given up,
+naming the shard (the loaders then count its missing samples as unreadable)."""
 
 from __future__ import annotations
 
@@ -8,8 +14,9 @@ import json
 import logging
 import os
 import tarfile
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +33,60 @@ class Shard:
     count: int
 
 
-def iter_samples(path: str | Path) -> Iterator[dict]:
-    """Samples of one shard, grouped by key. A truncated or corrupt tar raises at the point where it
-    breaks, after yielding every complete sample before it."""
-    path = str(path)
-    with open(path, "rb") as raw:
-        stream = zstandard.ZstdDecompressor().stream_reader(raw) if path.endswith(".zst") else raw
-        files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}])
+RETRIES = 6  # reads of a remote shard before it is given up: 0.5, 1, 2, 4, 8, 16 s apart
+
+
+def is_remote(spec: str) -> bool:
+    """A `pipe:` command or a URL, not a local path."""
+    return spec.startswith("pipe:") or "://" in spec
+
+
+def _open(spec: str):
+    if spec.startswith("pipe:"):  # webdataset's Pipe: raises at close when the command failed
+        return wds.gopen(spec, "rb")
+    if "://" in spec:
+        import fsspec
+
+        return fsspec.open(spec, "rb", block_size=0).open()  # streamed, not cached whole
+    return open(spec, "rb")
+
+
+def _read(spec: str) -> Iterator[dict]:
+    with _open(spec) as raw:
+        stream = zstandard.ZstdDecompressor().stream_reader(raw) if spec.endswith(".zst") else raw
+        files = wds.tariterators.tar_file_expander([{"url": spec, "stream": stream}])
         yield from wds.tariterators.group_by_keys(files)
+
+
+def iter_samples(spec: str | Path, on_retry: Callable[[], None] | None = None) -> Iterator[dict]:
+    """Samples of one shard, grouped by key. A local tar that is truncated or corrupt raises at the
+    point where it breaks, after yielding every complete sample before it. A remote one is read
+    again after each break (`on_retry` counts them) from the sample after the last one yielded; it
+    raises, naming the shard, when RETRIES tries all broke."""
+    spec = str(spec)
+    if not is_remote(spec):
+        yield from _read(spec)
+        return
+    done = tries = 0
+    while True:
+        try:
+            for index, sample in enumerate(_read(spec)):
+                if index >= done:  # the samples before were yielded before the break
+                    done += 1
+                    yield sample
+            return
+        except (TypeError, AttributeError, NameError, ImportError):  # a bug, not a broken read
+            raise
+        except Exception as e:
+            tries += 1
+            if tries > RETRIES:
+                raise OSError(f"shard {spec}: unreadable after {RETRIES} retries: {e}") from e
+            wait = 0.5 * 2 ** (tries - 1)
+            log.warning("shard %s: read broke after %d samples (%s: %s); again in %.1f s (%d/%d)", spec, done,
+                        type(e).__name__, e, wait, tries, RETRIES)  # fmt: skip
+            if on_retry is not None:
+                on_retry()
+            time.sleep(wait)
 
 
 Members = dict[str, tuple[int, int]]  # extension -> (offset of its data, size)
@@ -116,10 +169,27 @@ def split_manifests(folder: Path) -> dict[str, Path]:
     return found
 
 
+def _read_text(location: str) -> str:
+    """A small file (a manifest, a sidecar): local, or through fsspec for a URL."""
+    if "://" in location:
+        import fsspec
+
+        with fsspec.open(location, "r") as f:
+            return f.read()
+    return Path(location).read_text()
+
+
+def _remote_manifest(spec: str | list[str]) -> tuple[str, dict] | None:
+    """(its base URL, its content) when `spec` is the URL of a manifest."""
+    if isinstance(spec, str) and "://" in spec and spec.endswith(".json"):
+        return spec.rsplit("/", 1)[0], json.loads(_read_text(spec))
+    return None
+
+
 def _manifest(spec: str | list[str]) -> Path | None:
     """The manifest `spec` names: the file itself, or the one split of a shard folder (a folder that
     holds several splits must be told which)."""
-    if not isinstance(spec, str):
+    if not isinstance(spec, str) or is_remote(spec):
         return None
     path = Path(spec)
     if path.is_dir():
@@ -139,13 +209,15 @@ def _manifest(spec: str | list[str]) -> Path | None:
 def shard_paths(spec: str | list[str]) -> list[str]:
     """The shard files `spec` names (a split's manifest or the folder holding it, brace pattern, or
     list), checked to exist; cheap enough to run before a job is submitted."""
-    manifest = _manifest(spec)
+    manifest, remote = _manifest(spec), _remote_manifest(spec)
     if manifest is not None:
         names = [s["name"] for s in json.loads(manifest.read_text())["shards"]]
         paths = [str(manifest.parent / name) for name in names]
+    elif remote is not None:
+        paths = [f"{remote[0]}/{s['name']}" for s in remote[1]["shards"]]
     else:
         paths = list(braceexpand.braceexpand(spec)) if isinstance(spec, str) else list(spec)
-    missing = [p for p in paths if not Path(p).exists()]
+    missing = [p for p in paths if not is_remote(p) and not Path(p).exists()]  # remote: found when read
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) do not exist, e.g. {missing[0]} (from {spec!r})")
     if not paths:
@@ -157,27 +229,37 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
     """Shards with their sample counts from a split's manifest (or its folder), a brace pattern
     (`train-{000000..000099}.tar`), or a list of paths. Counts come from the manifest, else from the
     converter's per-shard sidecar JSON, else by reading the shard once (logged)."""
-    manifest = _manifest(spec)
+    manifest, remote = _manifest(spec), _remote_manifest(spec)
     if manifest is not None:
         data = json.loads(manifest.read_text())
         return [Shard(str(manifest.parent / s["name"]), int(s["count"])) for s in data["shards"]]
-    shards = []
-    for p in shard_paths(spec):
-        sidecar = Path(p.removesuffix(".zst").removesuffix(".tar") + ".json")
-        if sidecar.exists():
-            count = int(json.loads(sidecar.read_text())["count"])
-        else:
-            log.info("no manifest or sidecar for %s: counting its samples", p)
-            count = _count_by_reading(p)
-        shards.append(Shard(p, count))
-    return shards
+    if remote is not None:
+        return [Shard(f"{remote[0]}/{s['name']}", int(s["count"])) for s in remote[1]["shards"]]
+    return [Shard(p, _count(p)) for p in shard_paths(spec)]
+
+
+def _count(spec: str) -> int:
+    """A shard's sample count: the converter's sidecar JSON beside it (for a URL too), else by reading
+    the shard once (logged; a `pipe:` command always is)."""
+    if not spec.startswith("pipe:"):
+        sidecar = spec.removesuffix(".zst").removesuffix(".tar") + ".json"
+        try:
+            return int(json.loads(_read_text(sidecar))["count"])
+        except (OSError, ValueError, KeyError):
+            pass
+    log.info("no manifest or sidecar for %s: counting its samples", spec)
+    return _count_by_reading(spec)
 
 
 def resolve_classes(spec: str | list[str]) -> list[str] | None:
     """Class names of a shard set (its manifest, or classes.json beside the shards), if known."""
-    manifest = _manifest(spec)
+    manifest, remote = _manifest(spec), _remote_manifest(spec)
     if manifest is not None:
         return json.loads(manifest.read_text())["classes"]
+    if remote is not None:
+        return remote[1].get("classes")
+    if is_remote(spec if isinstance(spec, str) else spec[0]):
+        return None
     first = Path(spec if isinstance(spec, str) else spec[0])
     classes = first.parent / "classes.json"
     return json.loads(classes.read_text()) if classes.exists() else None

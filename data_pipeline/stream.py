@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +48,7 @@ class EpochPlan:
     shards: list[Shard]  # in this epoch's order
     steps: int  # batches per rank
     batch_size: int
+    on_retry: Callable[[], None] | None = None  # counts the reads of remote shards done again
 
     def rank_range(self, rank: int) -> tuple[int, int]:
         length = self.steps * self.batch_size
@@ -65,7 +66,7 @@ class EpochPlan:
         offset = 0
         for shard in self.shards:
             if offset + shard.count > start and offset < stop:
-                for index, sample in enumerate(iter_samples(shard.path)):
+                for index, sample in enumerate(iter_samples(shard.path, self.on_retry)):
                     position = offset + index
                     if position >= stop:
                         break
@@ -76,7 +77,9 @@ class EpochPlan:
                 return
 
 
-def plan_epoch(shards: list[Shard], epoch: int, seed: int, batch_size: int, world_size: int) -> EpochPlan:
+def plan_epoch(
+    shards: list[Shard], epoch: int, seed: int, batch_size: int, world_size: int, on_retry=None
+) -> EpochPlan:
     order = list(shards)
     random.Random(f"{seed}/{epoch}").shuffle(order)
     total = sum(s.count for s in shards)
@@ -85,7 +88,7 @@ def plan_epoch(shards: list[Shard], epoch: int, seed: int, batch_size: int, worl
         raise ValueError(
             f"{total} samples cannot fill one batch of {batch_size} on each of {world_size} ranks"
         )
-    return EpochPlan(order, steps, batch_size)
+    return EpochPlan(order, steps, batch_size, on_retry)
 
 
 class _Stream(IterableDataset):
@@ -113,6 +116,10 @@ class _Stream(IterableDataset):
         self.epoch, self.skip = epoch, skip
         self.specs, self.flip_p, self.seed, self.shuffle_buffer = specs, flip_p, seed, shuffle_buffer
         self.photometric = photometric
+        self.retries = 0  # this worker's reads of remote shards done again, since its last batch
+
+    def _retried(self) -> None:
+        self.retries += 1
 
     def __iter__(self) -> Iterator[ViewBatch]:
         info = get_worker_info()
@@ -122,7 +129,7 @@ class _Stream(IterableDataset):
         # epoch's batch 0, worker i serves run (i - first) % num_workers of that epoch.
         epoch, first, skip = self.epoch, -self.skip, self.skip
         while True:
-            plan = plan_epoch(self.shards, epoch, self.seed, self.batch_size, self.world_size)
+            plan = plan_epoch(self.shards, epoch, self.seed, self.batch_size, self.world_size, self._retried)
             run = (worker - first) % num_workers
             already = max(0, (skip - run + num_workers - 1) // num_workers)  # this run's batches taken
             yield from self._run(plan, epoch, run, num_workers, already)
@@ -152,7 +159,9 @@ class _Stream(IterableDataset):
                 pending.append(self._replacement(epoch, recent, owed))
                 owed -= 1
             while len(pending) >= batch:
-                yield self._collate(pending[:batch], corrupt)
+                collated = self._collate(pending[:batch], corrupt)
+                collated.read_retries, self.retries = self.retries, 0
+                yield collated
                 pending, corrupt = pending[batch:], 0
         if owed or pending:
             raise RuntimeError(f"rank {self.rank} run {run}: no readable sample in its whole run")
@@ -228,7 +237,7 @@ class ShardViews:
         self.num_workers, self.shuffle_buffer, self.pin_memory = num_workers, shuffle_buffer, pin_memory
         self.photometric = photometric if photometric is not None else Photometric()
         self.steps_per_epoch = plan_epoch(shards, 0, seed, batch_size, world_size).steps
-        self.epoch, self.batch, self.corrupt_total = 0, 0, 0
+        self.epoch, self.batch, self.corrupt_total, self.read_retries = 0, 0, 0, 0
 
     def state_dict(self) -> dict[str, int]:
         return {
@@ -249,6 +258,10 @@ class ShardViews:
         if self.batch == self.steps_per_epoch:  # saved after an epoch's last batch by an earlier version
             self.epoch, self.batch = self.epoch + 1, 0
         self.corrupt_total = int(state.get("corrupt_total", 0))
+
+    def counters(self) -> dict[str, float]:
+        """What the metrics report of the data: samples replaced as unreadable, remote reads redone."""
+        return {"corrupt_samples": self.corrupt_total, "read_retries": self.read_retries}
 
     def load_from_other_world(self, saved: dict[str, int], world_size: int, step: int) -> None:
         """Resume from a position saved by `world_size` ranks: the position within an epoch does not
@@ -290,4 +303,5 @@ class ShardViews:
             if self.batch == self.steps_per_epoch:
                 self.epoch, self.batch = self.epoch + 1, 0
             self.corrupt_total += batch.corrupt
+            self.read_retries += batch.read_retries
             yield batch

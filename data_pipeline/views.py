@@ -352,6 +352,7 @@ class ViewBatch:
     corrupt: int = 0  # samples skipped as unreadable since the previous batch
     photometric: list[torch.Tensor] | None = None  # [(Vg, B, P), (Vl, B, P)]: `Photometric.draw`s
     position: dict | None = None  # the loader's state once the step this batch belongs to is done
+    read_retries: int = 0  # remote shards read again (after a broken read) since the previous batch
 
     def pin_memory(self) -> ViewBatch:
         """Page-locked copies (the DataLoader's pin thread calls this; torch passes other objects

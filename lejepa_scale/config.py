@@ -39,6 +39,9 @@ class ModelConfig:
     swa_target: bool = False  # centres from a weight average of the model (the paper's Table 4, ViTs)
     swa_start: int = 0  # the step the average starts at (before, it follows the model)
     drop_path: float = 0.0
+    # a fresh run's backbone weights: a .safetensors/.pth/.pt file (timm's, an export, a run's model.pt),
+    # a run directory, or timm:NAME (timm's pretrained weights); pos_embed resampled to views.global_size
+    init_from: str | None = None
 
 
 @dataclass
@@ -61,6 +64,9 @@ class DataConfig:
     root: str | None = None  # where a built-in dataset's files are (default: the Debian package's path)
     # shards: a split's manifest (or the folder holding it), a brace pattern, or a list of shard paths
     train: Any = None  # the training set (str or list of str)
+    # several training sets mixed by weight: [{train: SPEC, weight: 0.7}, ...], SPEC as data.train or a
+    # built-in set's name; each global batch draws from them in proportion (replaces data.train)
+    mixture: Any = None
     val: Any = None  # a labelled evaluation set (str or list of str)
     num_workers: int = 8  # shards: DataLoader workers per rank (decode + crops)
     # auto: indexed for local plain-tar shards and built-in sets (the world-size-free order), stream
@@ -191,9 +197,36 @@ def _validate(cfg: Config) -> None:
             "must be fashion_mnist, digits or shards",
         ),
         (
-            cfg.data.source != "shards" or cfg.data.train,
+            cfg.data.source != "shards" or cfg.data.train or cfg.data.mixture,
             "data.train",
             "must name the shards when data.source=shards",
+        ),
+        (
+            not (cfg.model.init_from and cfg.checkpoint.load_from),
+            "model.init_from",
+            "and checkpoint.load_from both say where the weights start: give one of them",
+        ),
+        (
+            not (cfg.data.mixture and cfg.data.train),
+            "data.mixture",
+            "replaces data.train: give one of them",
+        ),
+        (
+            cfg.data.mixture is None
+            or (
+                isinstance(cfg.data.mixture, list)
+                and len(cfg.data.mixture) >= 1
+                and all(
+                    isinstance(m, dict)
+                    and m.keys() <= {"train", "weight", "name"}
+                    and m.get("train")
+                    and isinstance(m.get("weight", 1.0), int | float)
+                    and m.get("weight", 1.0) > 0
+                    for m in cfg.data.mixture
+                )  # fmt: skip
+            ),
+            "data.mixture",
+            "must be a list of {train: SHARDS_OR_BUILT_IN_SET, weight: W > 0} (optionally name: NAME)",
         ),
         (
             cfg.data.source == "shards" or not cfg.data.train,

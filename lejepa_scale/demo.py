@@ -150,9 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         ("wall time", f"{results['total_seconds']:.0f} s"),
     ]
     width = max(len(label) for label, _ in rows)
-    test_set = (
-        f"{results['dataset']} test set ({results['probe_test_size']} images, {results['image_size']} px)"
+    size = f"{results['image_size']} px" + (
+        f", features at {cfg.demo.probe_size} px" if cfg.demo.probe_size else ""
     )
+    test_set = f"{results['dataset']} test set ({results['probe_test_size']} images, {size})"
     print(f"\nLinear probe on frozen features ({cfg.model.name}), {test_set}:")
     for label, value in rows:
         print(f"  {label:<{width}} : {value}")

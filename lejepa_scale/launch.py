@@ -28,6 +28,7 @@ import submitit
 import torch
 import torch.distributed as dist
 
+from data_pipeline.builtin import BUILTIN
 from data_pipeline.shards import shard_paths
 from lejepa_scale.checkpointing.checkpoint import newest_step, resolve_checkpoint
 from lejepa_scale.cluster.attempts import Attempt, Limits, lost_peer, record
@@ -136,12 +137,16 @@ def missing_inputs(cfg: Config) -> list[str]:
     """The files the job will read that are not there (shards, data root, checkpoint.load_from),
     one line each: an error before submitting, a warning beside a dry run."""
     problems = []
-    if cfg.data.source == "shards":
+    sets = [("data.train", cfg.data.train)] if cfg.data.source == "shards" and cfg.data.train else []
+    sets += [(f"data.mixture[{i}]", m["train"]) for i, m in enumerate(cfg.data.mixture or [])]
+    for key, spec in sets:
+        if isinstance(spec, str) and spec in BUILTIN:
+            continue
         try:
-            shard_paths(cfg.data.train)
+            shard_paths(spec)
         except (FileNotFoundError, ValueError) as e:
-            problems.append(f"data.train: {e}")
-    elif cfg.data.root is not None and not Path(cfg.data.root).is_dir():
+            problems.append(f"{key}: {e}")
+    if cfg.data.source != "shards" and cfg.data.root is not None and not Path(cfg.data.root).is_dir():
         problems.append(f"data.root {cfg.data.root} is not a directory")
     if cfg.checkpoint.load_from:
         try:

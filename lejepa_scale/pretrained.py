@@ -33,12 +33,17 @@ def export_backbone(checkpoint: str | Path, out: Path) -> Path:
 
     model, cfg, step_dir = load_run(checkpoint)
     weights = {k: v.contiguous() for k, v in model.backbone.state_dict().items()}
+    size = cfg.views.global_size
     save_file(
         weights,
         str(out),
         metadata={
             "timm_model": cfg.model.name,
             "timm_kwargs": json.dumps(model.backbone.timm_kwargs),
+            # what timm's data config reads: the normalisation and input size the run trained with
+            "pretrained_cfg": json.dumps(
+                {"input_size": [3, size, size], "mean": list(cfg.views.mean), "std": list(cfg.views.std)}
+            ),
             "checkpoint": str(step_dir),
         },
     )
@@ -51,9 +56,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 with safe_open("{path}", "pt") as f:
-    meta = f.metadata()  # timm_model, timm_kwargs (JSON), checkpoint
-model = timm.create_model(meta["timm_model"], num_classes=0, **json.loads(meta["timm_kwargs"]))
-model.load_state_dict(load_file("{path}"))"""
+    meta = f.metadata()  # timm_model, timm_kwargs and pretrained_cfg (JSON), checkpoint
+kwargs = {**json.loads(meta["timm_kwargs"]), "pretrained_cfg_overlay": json.loads(meta["pretrained_cfg"])}
+model = timm.create_model(meta["timm_model"], num_classes=0, **kwargs)
+model.load_state_dict(load_file("{path}"))
+data_config = timm.data.resolve_data_config(model=model)  # the run's mean, std and input size"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,9 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     print(
-        f"wrote {args.out} from {step_dir}; the metadata keys timm_model and timm_kwargs say how to build it:"
+        f"wrote {args.out} from {step_dir}; the metadata keys timm_model, timm_kwargs and pretrained_cfg say "
+        "how to build it:"
     )
-    print(LOADING.format(path=args.out))
+    print(LOADING.replace("{path}", str(args.out)))
 
 
 if __name__ == "__main__":

@@ -152,6 +152,9 @@ def test_exported_backbones_load_in_timm_exactly_as_the_readme_says(runs, tmp_pa
         images = torch.randn(3, 3, 28, 28)  # Fashion-MNIST's native size: the ViT trained at 24 px
         with torch.no_grad():
             assert torch.equal(model(images), own.features(images)), kind
+        data = scope["data_config"]  # timm's data config: the run's normalisation and input size
+        assert tuple(data["input_size"]) == (3, cfg.views.global_size, cfg.views.global_size), kind
+        assert tuple(data["mean"]) == tuple(cfg.views.mean) and tuple(data["std"]) == tuple(cfg.views.std)
     meta = json.loads(scope["meta"]["timm_kwargs"])
     assert meta["dynamic_img_size"] is True and meta["img_size"] == 24
 

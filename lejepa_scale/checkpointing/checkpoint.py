@@ -261,25 +261,22 @@ class Checkpointer:
     # -- loading -----------------------------------------------------------------------------------
 
     def resume(self, model: ModelConfig, load_from: str | None = None, load_model_only: bool = True) -> int:
-        """Continue from this run's newest complete checkpoint, else start from `load_from` (another
-        run or step dir: its weights, or with `load_model_only=False` its whole state), else from
-        scratch; a checkpoint of another model (the keys of `model` that `check_same_model` reads) is
-        refused. Returns the first step to run. A checkpoint written at another world size is
-        resharded exactly; each per-rank state continues as its `load_from_other_world` says."""
+        """Continue from this run's newest complete checkpoint, else start from `load_from` with
+        `load_model_only=False` (another run or step dir: its whole state; its weights alone are
+        loaded when the model is built), else from scratch; a checkpoint of another model (the keys
+        of `model` that `check_same_model` reads) is refused. Returns the first step to run. A
+        checkpoint written at another world size is resharded exactly; each per-rank state continues
+        as its `load_from_other_world` says."""
         latest = self.latest()
         if latest is not None:
             check_same_model(model, latest)
             meta = self.load(latest)
             self.meta.update({k: v for k, v in meta.items() if k not in ("step", "world_size")})
             return int(meta["step"])
-        if not load_from:
+        if not load_from or load_model_only:  # weights only: loaded when the model was built
             return 0
-        source = resolve_checkpoint(load_from)  # a new run from another run's weights
+        source = resolve_checkpoint(load_from)  # a new run from another run's whole state
         check_same_model(model, source)
-        if load_model_only:
-            load_tensors(source, {"model": self.state["model"]}, self.group)
-            log.info("initialised from %s (weights)", source)
-            return 0
         log.info("initialised from %s (full state)", source)
         return int(self.load(source)["step"])
 

@@ -73,9 +73,28 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def load_tensors(path: Path, template: dict, group=None) -> None:
-    """dcp.load into `template` (in place) with safe reading; any refusal is a CheckpointError."""
+def load_tensors(path: Path, template: dict, group=None, no_dist: bool = False) -> None:
+    """dcp.load into `template` (in place) with safe reading; any refusal is a CheckpointError.
+    `no_dist`: this process alone reads it, whatever process group runs."""
     try:
-        dcp.load(template, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), process_group=group)
+        dcp.load(template, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), process_group=group,
+                 no_dist=no_dist)  # fmt: skip
     except CheckpointException as e:
         raise CheckpointError(f"{path}: cannot load: {str(e).splitlines()[-1]}") from e
+
+
+def read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's whole model (unsharded, on the CPU) without building the model: the template
+    comes from the checkpoint's own metadata, and this process alone reads it (rank 0's reference
+    model under torchrun)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = SafeReader(path).read_metadata()
+    template = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    nested: dict = {"model": {key.removeprefix("model."): value for key, value in template.items()}}
+    load_tensors(path, nested, no_dist=True)
+    return nested["model"]

@@ -94,6 +94,7 @@ def parallelize(
     float8: str | None = None,
     float8_all_gather: bool | None = None,
     initialize: bool = True,
+    load: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
     """Build the model and apply float8 (a recipe name, or None), AC, compile and FSDP. Without a
     mesh (single process) the model is built directly on the device. With one, every rank builds it
@@ -101,7 +102,8 @@ def parallelize(
     full seeded initialisation: the result equals single-process init whatever the world size
     (sharded random init would repeat the same numbers on every rank of a CPU mesh). Without
     `initialize` (a resume: a checkpoint overwrites every parameter and persistent buffer) the shards
-    are only allocated: no full build on rank 0, no broadcast."""
+    are only allocated: no full build on rank 0, no broadcast. `load` puts weights from elsewhere
+    over the seeded initialisation (in the one process, or into rank 0's model before the broadcast)."""
 
     def transform(model: nn.Module) -> None:  # float8, then AC, then compile, on any device
         if float8:
@@ -111,7 +113,10 @@ def parallelize(
             apply_compile(model)
 
     if mesh is None:
-        model = build().to(env.device)
+        model = build()
+        if load is not None and initialize:
+            load(model)
+        model = model.to(env.device)
         transform(model)
         return model
     with torch.device("meta"):
@@ -122,6 +127,8 @@ def parallelize(
     if not initialize and not any(m._non_persistent_buffers_set for m in model.modules()):
         return model
     reference = build() if env.is_main else None
+    if reference is not None and load is not None:
+        load(reference)
     full = reference.state_dict() if env.is_main else {}
     set_model_state_dict(
         model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)

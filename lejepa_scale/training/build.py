@@ -20,18 +20,25 @@ from omegaconf import OmegaConf
 from timm.optim import param_groups_weight_decay
 from torch.distributed.checkpoint.stateful import Stateful
 
-from data_pipeline.builtin import load_builtin
+from data_pipeline.builtin import BUILTIN, load_builtin
 from data_pipeline.indexed import IndexedViews, MemorySource, ShardSource
-from data_pipeline.shards import resolve_classes, resolve_shards
+from data_pipeline.shards import is_remote, resolve_classes, resolve_shards
 from data_pipeline.stream import ShardViews
 from data_pipeline.views import CropSpec, Photometric
-from lejepa_scale.checkpointing.checkpoint import Checkpointer, complete_checkpoints
+from lejepa_scale.checkpointing.checkpoint import (
+    Checkpointer,
+    check_same_model,
+    complete_checkpoints,
+    resolve_checkpoint,
+)
+from lejepa_scale.checkpointing.safe_loading import read_model_tensors
 from lejepa_scale.checkpointing.states import ModelState, OptimizerState
 from lejepa_scale.config import Config, ConfigError, batches, to_yaml
 from lejepa_scale.distributed.collectives import from_rank0
 from lejepa_scale.distributed.float8 import float8_scale_update
 from lejepa_scale.distributed.parallel import parallelize
 from lejepa_scale.distributed.process_groups import DistEnv, build_mesh
+from lejepa_scale.method.initial_weights import backbone_weights, load_weights
 from lejepa_scale.method.model import LeJEPAModel, create_backbone
 from lejepa_scale.method.objective import LeJEPALoss
 from lejepa_scale.method.sigreg import SIGReg
@@ -114,7 +121,27 @@ def build_parallel_model(cfg: Config, env: DistEnv, initialize: bool = True) -> 
         float8=cfg.parallel.float8_recipe if cfg.parallel.float8 else None,
         float8_all_gather=cfg.parallel.float8_all_gather,
         initialize=initialize,
+        load=initial_weights(cfg) if initialize else None,
     )
+
+
+def initial_weights(cfg: Config):
+    """What a fresh run loads over its seeded initialisation, as a function of the model built (it
+    reads the weights on the rank that builds the whole model): `model.init_from` into the backbone,
+    or `checkpoint.load_from` (weights only) into the whole model, refused when the run it names
+    trained another model; None for neither."""
+    if cfg.model.init_from:
+        source = cfg.model.init_from
+        return lambda model: load_weights(
+            model.backbone, backbone_weights(source), f"model.init_from {source}"
+        )
+    if cfg.checkpoint.load_from and cfg.checkpoint.load_model_only:
+        step_dir = resolve_checkpoint(cfg.checkpoint.load_from)
+        check_same_model(cfg.model, step_dir)
+        return lambda model: load_weights(
+            model, read_model_tensors(step_dir), f"checkpoint.load_from {step_dir}"
+        )
+    return None
 
 
 def build_swa(cfg: Config, env: DistEnv, model: LeJEPAModel) -> WeightAverage | None:
@@ -173,15 +200,20 @@ def build_loader(cfg: Config, env: DistEnv) -> tuple[IndexedViews | ShardViews, 
     indexed = dict(
         global_batch=split.global_size, micro_batch=split.micro, block_shards=cfg.data.shuffle_shards
     )
+    if cfg.data.mixture:
+        sources = [data_source(m["train"], m.get("name"), cfg) for m in cfg.data.mixture]
+        weights = [float(m.get("weight", 1.0)) for m in cfg.data.mixture]
+        loader = IndexedViews(sources, weights=weights, num_workers=cfg.data.num_workers, **indexed, **common)
+        parts = ", ".join(f"{s.name} ({w:g})" for s, w in zip(sources, weights, strict=True))
+        return loader, None, f"a mixture of {parts}"
     if cfg.data.source != "shards":
-        dataset = load_builtin(cfg.data.source, cfg.data.root)
-        source = MemorySource(dataset.name, dataset.train_images, dataset.train_labels)
+        source = data_source(cfg.data.source, None, cfg)
         loader = IndexedViews([source], **indexed, **common)
-        return loader, dataset.num_classes, f"{dataset.name}, {len(dataset.train_images)} images"
+        return loader, int(source.labels.max()) + 1, f"{source.name}, {len(source.images)} images"
     shards = resolve_shards(cfg.data.train)
     what = f"{sum(s.count for s in shards)} images in {len(shards)} shards of {cfg.data.train}"
     classes = resolve_classes(cfg.data.train)
-    plain = all(s.path.endswith(".tar") for s in shards)
+    plain = all(s.path.endswith(".tar") and not is_remote(s.path) for s in shards)
     if cfg.data.order == "indexed" and not plain:
         raise ConfigError("data.order=indexed reads plain .tar shards by index; these are compressed or "
                           "remote: use data.order=stream (or auto)")  # fmt: skip
@@ -192,6 +224,20 @@ def build_loader(cfg: Config, env: DistEnv) -> tuple[IndexedViews | ShardViews, 
     source = ShardSource(str(cfg.data.train), shards)
     loader = IndexedViews([source], num_workers=cfg.data.num_workers, **indexed, **common)
     return loader, len(classes) if classes else None, what
+
+
+def data_source(spec: str | list[str], name: str | None, cfg: Config) -> MemorySource | ShardSource:
+    """A source of the indexed order: a built-in set's training split in memory, or local plain-tar
+    shards (a mixture's entries must be read by index)."""
+    if isinstance(spec, str) and spec in BUILTIN:
+        dataset = load_builtin(spec, cfg.data.root)
+        return MemorySource(name or dataset.name, dataset.train_images, dataset.train_labels)
+    shards = resolve_shards(spec)
+    if not all(s.path.endswith(".tar") and not is_remote(s.path) for s in shards):
+        raise ConfigError(
+            f"{spec}: a mixture reads its sources by index, which needs local plain .tar shards"
+        )
+    return ShardSource(name or (spec if isinstance(spec, str) else spec[0]), shards)
 
 
 def build_photometric(cfg: Config) -> Photometric:
@@ -263,7 +309,7 @@ class Run:
 
 def build_run(cfg: Config, env: DistEnv) -> Run:
     """Every component of a run, wired together, and the start line logged. A run that will resume
-    (or start from `checkpoint.load_from`) only allocates its model: the checkpoint fills it."""
+    (or start from another run's whole state) only allocates its model: the checkpoint fills it."""
     if env.is_main:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
@@ -271,7 +317,8 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     resuming = from_rank0(
         cfg.checkpoint.enabled and bool(complete_checkpoints(Path(cfg.run.dir) / "checkpoints"))
     )
-    t_build, initialize = time.perf_counter(), not (resuming or cfg.checkpoint.load_from)
+    whole_state = cfg.checkpoint.load_from and not cfg.checkpoint.load_model_only  # the checkpoint fills it
+    t_build, initialize = time.perf_counter(), not (resuming or whole_state)
     model = build_parallel_model(cfg, env, initialize=initialize)
     t_build = time.perf_counter() - t_build
     optimizer = build_optimizer(model, cfg)
@@ -291,7 +338,7 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
         autocast=torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"),
         device=env.device, n_global=cfg.views.n_global, clip_grad=cfg.optim.clip_grad, probe=probe,
         target=swa, before_update=checkpointer.wait_for_staging, after_update=float8_scale_update(model),
-        corrupt_total=lambda: getattr(loader, "corrupt_total", 0),
+        data_counters=loader.counters,
     )  # fmt: skip
     if env.is_main:
         split, params = batches(cfg, env.world_size), sum(p.numel() for p in model.parameters()) / 1e6

@@ -174,12 +174,12 @@ class TrainingStep:
         target: WeightAverage | None = None,
         before_update: Callable[[], None] | None = None,
         after_update: Callable[[], None] | None = None,
-        corrupt_total: Callable[[], int] = lambda: 0,
+        data_counters: Callable[[], dict[str, float]] = dict,
     ):
         self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
         self.photometric, self.autocast, self.device = photometric, autocast, device
         self.n_global, self.clip_grad, self.probe, self.target = n_global, clip_grad, probe, target
-        self.before_update, self.after_update, self.corrupt_total = before_update, after_update, corrupt_total
+        self.before_update, self.after_update, self.data_counters = before_update, after_update, data_counters
         self.skipped = self.streak = torch.zeros((), device=device)  # skipped updates: in all, in a row
 
     def __call__(
@@ -203,8 +203,11 @@ class TrainingStep:
             target=self.target,
         )  # fmt: skip
         self.skipped, self.streak = self.skipped + result.skipped, (self.streak + 1) * result.skipped
-        counters = {"skipped_nonfinite": self.skipped, "nonfinite_streak": self.streak,
-                    "corrupt_samples": self.corrupt_total()}  # fmt: skip
+        counters = {
+            "skipped_nonfinite": self.skipped,
+            "nonfinite_streak": self.streak,
+            **self.data_counters(),
+        }
         if self.probe is not None and batches[0].labels is not None:
             labels = torch.cat([batch.labels for batch in batches]).to(self.device, non_blocking=True)
             features = result.output.features_global.flatten(0, 1)  # view-major, like the labels repeated
