@@ -216,13 +216,22 @@ class IndexedViews:
         return counts
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = Position.from_state(state)
         self.corrupt_total = int(state.get("corrupt_total", 0))
+        if "per_source" in state:
+            self.position = Position.from_state(state)
+            return
+        epoch = int(state.get("epoch", 0))  # the rank-split position of data.order=stream or an older loader
+        self.position = Position([epoch * size for size in self.order.sizes])
+        if self.rank == 0:
+            log.warning(
+                "the checkpoint's data position (epoch %d, batch %s) is of a rank-split order: epoch %d "
+                "starts again from its first sample, in the indexed order", epoch, state.get("batch"), epoch,
+            )  # fmt: skip
 
     def load_from_other_world(self, saved: dict, world_size: int, step: int) -> None:
         """The position is world-size-free: the run continues with exactly the next samples."""
         self.load_state_dict(saved)
-        if self.rank == 0:
+        if self.rank == 0 and "per_source" in saved:
             log.info("the data position of step %d (saved by %d ranks, %d samples consumed) continues on %d",
                      step, world_size, self.position.samples, self.world_size)  # fmt: skip
 

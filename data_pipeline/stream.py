@@ -249,6 +249,15 @@ class ShardViews:
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "per_source" in state:  # a position of the indexed order (data.order changed since)
+            self.epoch, self.batch = int(state["samples"]) // sum(s.count for s in self.shards), 0
+            self.corrupt_total = int(state.get("corrupt_total", 0))
+            if self.rank == 0:
+                log.warning(
+                    "the checkpoint's data position is of the indexed order: epoch %d starts again from its "
+                    "first batch, streamed", self.epoch,
+                )  # fmt: skip
+            return
         if state["world_size"] != self.world_size or state["num_workers"] != self.num_workers:
             raise ValueError(
                 f"loader position was saved at world size {state['world_size']} with {state['num_workers']} "
@@ -266,6 +275,9 @@ class ShardViews:
     def load_from_other_world(self, saved: dict[str, int], world_size: int, step: int) -> None:
         """Resume from a position saved by `world_size` ranks: the position within an epoch does not
         map to another rank count, so the saved epoch starts again from its first batch."""
+        if "per_source" in saved:  # a position of the indexed order: it says so itself
+            self.load_state_dict(saved)
+            return
         self.epoch, self.batch = int(saved["epoch"]), 0
         if self.rank == 0:
             log.warning(

@@ -81,3 +81,21 @@ def test_two_micro_batches_of_8_are_one_batch_of_16(tmp_path, shards):
         assert all(abs(one[s] - two[s]) <= 1e-5 * abs(one[s]) for s in one), (name, one, two)
         assert close(weights(tmp_path / f"{name}-16"), weights(accumulated), 1e-5), name
         assert sample_sets(tmp_path / f"{name}-16") == sample_sets(accumulated)
+
+
+def test_a_checkpoint_of_either_data_order_resumes_in_the_other(tmp_path, shards):
+    """A run that changes `data.order` between restarts (or a checkpoint written before local shards
+    were read by index) starts its epoch again in the new order, says so, and trains on: the first
+    step after the resume takes the new order's first samples of that epoch."""
+    common = [*EXACT, "data.source=shards", f"data.train={shards}", "data.num_workers=0", "train.steps=4",
+              "train.batch_size=16", "checkpoint.every_steps=2"]  # fmt: skip
+    for order in ("stream", "indexed"):
+        run_train(tmp_path / order, *common, f"data.order={order}")
+    for saved, resumed_in, says in (
+        ("stream", "indexed", "is of a rank-split order: epoch 0 starts again from its first sample"),
+        ("indexed", "stream", "is of the indexed order: epoch 0 starts again from its first batch"),
+    ):
+        resumed = crashed_after(tmp_path / saved, tmp_path / f"{saved}-then-{resumed_in}", 2)
+        result = run_train(resumed, *common, f"data.order={resumed_in}")
+        assert says in result.stderr
+        assert sample_sets(resumed)[2] == sample_sets(tmp_path / resumed_in)[0]
