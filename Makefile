@@ -13,13 +13,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
-# Fashion-MNIST from Debian when we can install packages; the demo falls back to scikit-learn's digits.
+# Fashion-MNIST from Debian when we can install packages; else the demo downloads it into the cache,
+# and with no network runs its digits recipe.
 data:
 	@if [ -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
-		echo "could not install dataset-fashion-mnist; the demo will use scikit-learn's digits"; \
-	else echo "not root: run 'sudo apt-get install dataset-fashion-mnist' for the Fashion-MNIST demo"; fi
+		echo "could not install dataset-fashion-mnist; the demo will download it, or use its digits recipe"; \
+	else echo "not root: the demo downloads Fashion-MNIST into ~/.cache/lejepa_scale (or runs on digits)"; fi
 
 demo: env data
 	$(PY) -m lejepa_scale.demo
