@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_pipeline import convert  # noqa: E402
+from data_pipeline.indexed import IndexedViews, ShardSource  # noqa: E402
 from data_pipeline.shards import resolve_shards  # noqa: E402
 from data_pipeline.stream import ShardViews  # noqa: E402
 from data_pipeline.views import CropSpec, Photometric, blur_kernel_size, decode_crops  # noqa: E402
@@ -218,15 +219,29 @@ def main() -> None:
     print(f"| converter, no re-encoding, 1 process | {rate:.0f} images/s/core |")
 
     shards = resolve_shards(str(out))
-    loader = ShardViews(shards, batch_size=16, crops=SPECS, num_workers=2, shuffle_buffer=100)
-    it = iter(loader)
-    next(it)  # worker start-up
-    start, n = time.perf_counter(), 0
-    for _ in range(loader.steps_per_epoch - 1):
-        n += len(next(it).keys)
-    print(
-        f"| end-to-end ShardViews, 2 workers, batch 16 | {n / (time.perf_counter() - start):.1f} samples/s |"
-    )
+    loaders = {
+        "stream (ShardViews)": lambda: ShardViews(
+            shards, batch_size=16, crops=SPECS, num_workers=1, shuffle_buffer=100
+        ),
+        "indexed (IndexedViews)": lambda: IndexedViews(
+            [ShardSource("bench", shards)],
+            global_batch=16,
+            micro_batch=16,
+            crops=SPECS,
+            photometric=Photometric(),
+            num_workers=1,
+        ),
+    }
+    for name, make in loaders.items():
+        rates = []
+        for _ in range(3):
+            it = iter(make())
+            next(it)  # worker start-up
+            start, n = time.perf_counter(), 0
+            for _ in range(len(paths) // 16 - 2):
+                n += len(next(it).keys)
+            rates.append(n / (time.perf_counter() - start))
+        print(f"| end-to-end {name}, 1 worker, batch 16 | {statistics.median(rates):.1f} samples/s |")
     shutil.rmtree(args.workdir, ignore_errors=True)
 
 
