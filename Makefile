@@ -25,9 +25,10 @@ data:
 demo: env data
 	$(PY) -m lejepa_scale.demo
 
-# Two workers: the SLURM tests, one node then two (mostly waiting on SLURM), beside the rest (tests/conftest.py)
+# Two workers: the SLURM tests, one node then two (mostly waiting on SLURM), first on one of them; the
+# other modules on whichever is free (tests/conftest.py)
 test: env data
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 lint: env
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
