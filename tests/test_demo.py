@@ -49,9 +49,9 @@ def test_config_typo_fails_before_training(tmp_path):
 
 def test_the_digits_demo_learns_in_a_short_run(tmp_path):
     """`python -m lejepa_scale.demo data.source=digits` (the demo where Fashion-MNIST cannot be had)
-    runs its own recipe and, 80 steps in, its features beat its random initialisation (the full
+    runs its own recipe and, 40 steps in, its features beat its random initialisation (the full
     600-step run: docs/results.md)."""
-    short = ["train.steps=80", "train.batch_size=64", "optim.warmup_steps=10", "checkpoint.every_steps=0"]
+    short = ["train.steps=40", "train.batch_size=64", "optim.warmup_steps=10", "checkpoint.every_steps=0"]
     result = run(
         "lejepa_scale.demo", "data.source=digits", f"run.dir={tmp_path}", *short, "log.wandb=disabled"
     )

@@ -5,6 +5,10 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 [[ "$(id -u)" == 0 ]] || { echo "slurm/local/install.sh needs root (apt-get, munge key, daemons)" >&2; exit 1; }
 
+# one install at a time: the one-node and the two-node test clusters may start together
+exec 9>/run/lejepa-slurm-install.lock
+flock 9
+
 # 8 packages, ~3.5 MB; the slurm-wlm metapackage would pull 43
 missing=0
 for tool in slurmctld slurmd munged sbatch; do command -v "$tool" >/dev/null || missing=1; done
