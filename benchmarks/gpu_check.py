@@ -56,6 +56,7 @@ from lejepa_scale.training.flops import flops_per_sample  # noqa: E402
 from lejepa_scale.training.metrics import peak_tflops  # noqa: E402
 
 RESULTS = "gpu_check.jsonl"
+STOPPED = "StoppedAtBudget"  # what a process stopped at the budget's end reports
 SYNTHETIC = [
     "data.source=digits",
     "data.train=null",
@@ -79,7 +80,7 @@ class Row:
     """One check's outcome, as one line of gpu_check.jsonl."""
 
     check: str
-    status: str  # pass | fail | skipped
+    status: str  # pass | fail | skipped | stopped (the budget ran out first: not known, not failed)
     detail: str = ""  # the numbers in words, or why it failed or was skipped
     numbers: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -171,7 +172,7 @@ class Machine:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
-            stderr += f"\nStoppedAtBudget: {name} still ran when --budget-s ran out"
+            stderr += f"\n{STOPPED}: {name} still ran when --budget-s ran out"
         if self.logs:
             self.logs.mkdir(parents=True, exist_ok=True)
             (self.logs / f"{name}.log").write_text(stdout + stderr)
@@ -187,7 +188,7 @@ def failure(stderr: str) -> str:
     """What a process died of: the last exception line of its ranks' tracebacks (not torchrun's
     ChildFailedError that only says a rank failed), else the end of its output."""
     lines = [re.sub(r"^\[rank\d+\]:\s*", "", line) for line in stderr.splitlines()]
-    exception = re.compile(r"[\w.]*(Error|Exception|StoppedAtBudget)(:|$)")
+    exception = re.compile(rf"[\w.]*(Error|Exception|{STOPPED})(:|$)")
     raised = [line for line in lines if exception.match(line) and "ChildFailed" not in line]
     return (raised[-1] if raised else stderr[-200:]).strip()[:200]
 
@@ -637,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SKIP  {row.check}: {row.detail}", flush=True)
             continue
         for row in check(machine):
+            if row.status == "fail" and row.detail.startswith(STOPPED):
+                row.status = "stopped"
             row.estimate_s = round(needed, 1)
             results.write(row.__dict__)
             print(f"{row.status.upper():<5} {row.check}: {row.detail} ({row.seconds:.0f} s)", flush=True)

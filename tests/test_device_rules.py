@@ -167,7 +167,8 @@ def gpu_check_rows(out: Path) -> list[dict]:
 
 def test_the_gpu_acceptance_command_fits_its_budget_on_cpu(tmp_path):
     """`--smoke --budget-s 90`: every check of the GPU command, tiny and on CPU, within the budget;
-    what would not fit is skipped with its estimate, nothing fails, and the rows render."""
+    what would not fit is skipped with its estimate, nothing fails, and the rows render (a loaded
+    machine can outrun an estimate: a check still running at the budget's end is `stopped`)."""
     start = time.monotonic()
     result = subprocess.run([*GPU_CHECK, "--budget-s", "90", "--out", str(tmp_path)], capture_output=True,
                             text=True, cwd=ROOT, env=ENV, timeout=300)  # fmt: skip
@@ -177,7 +178,7 @@ def test_the_gpu_acceptance_command_fits_its_budget_on_cpu(tmp_path):
     assert rows[0]["check"] == "environment" and rows[0]["torch"] == torch.__version__
     checks = rows[1:]
     assert len([r for r in checks if r["status"] == "pass"]) >= 2 and took < 90 + 30  # + one stop's grace
-    assert all(r["status"] in ("pass", "skipped") for r in checks), checks
+    assert all(r["status"] in ("pass", "skipped", "stopped") for r in checks), checks
     assert all(r["estimate_s"] is not None for r in checks if r["status"] == "skipped"), checks
     render = [*GPU_CHECK[:2], "--render", str(tmp_path / "gpu_check.jsonl")]
     table = subprocess.run(render, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120).stdout
