@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SKIP  {row.check}: {row.detail}", flush=True)
             continue
         for row in check(machine):
-            if row.status == "fail" and row.detail.startswith(STOPPED):
+            if row.status == "fail" and STOPPED in row.detail:
                 row.status = "stopped"
             row.estimate_s = round(needed, 1)
             results.write(row.__dict__)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -12,18 +11,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size)
-    )
+def _entry(rank: int, world_size: int, out_dir: str, fn, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # the rendezvous through a file, not a TCP port: a port picked free can be taken by another
+    # test's processes before rank 0 listens on it (EADDRINUSE, seen with two test workers)
+    store = f"file://{out_dir}/rendezvous"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -39,7 +33,7 @@ def run_ranks(fn, world_size: int, *args) -> list:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _entry,
-            args=(world_size, _free_port(), out_dir, fn, args),
+            args=(world_size, out_dir, fn, args),
             nprocs=world_size,
             start_method="spawn",
         )
