@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -250,17 +251,39 @@ def test_both_launch_paths_train_on_two_nodes_like_two_local_processes(two_nodes
     assert f"job: {sbatch.job_id} COMPLETED" in status and "failures: none" in status
 
 
-def through_fault(two_nodes, jobs, tmp_path, reference, name, fault, restore=None, down=0.0, *overrides):
+def through_fault(two_nodes, jobs, tmp_path, reference, name, fault, restore=None, down=0.0, *overrides,
+                  freeze: str | None = None):  # fmt: skip
     """Both paths' job, the fault once both have checkpoint 10 (`restore` after `down` s), until
-    both finish bit-identical: [(run, its fault-table row)]."""
+    both finish bit-identical: [(run, its fault-table row)]. `freeze`: a node whose tasks of the
+    jobs are stopped right after the fault (see freeze_tasks)."""
     runs = submit_both(two_nodes, jobs, tmp_path, *overrides)
     together_at_checkpoint(two_nodes, runs, 10)
     started = time.time()
     two_nodes(*fault)
+    if freeze:
+        assert freeze_tasks(freeze, [run.job_id for run in runs]) >= len(runs)
     if restore:
         time.sleep(down)
         two_nodes(*restore)
     return [(run, outcome(name, run, started, reference)) for run in runs]
+
+
+def freeze_tasks(node: str, job_ids: list[str]) -> int:
+    """SIGSTOP every task of the jobs on `node` (not SLURM's slurmstepd), as a rank blocked in the
+    kernel would be: still there when the node is back, so its slurmd reports the previous start's
+    step. Returns how many processes it stopped."""
+    frozen, ids = 0, {f"SLURM_JOB_ID={job}".encode() for job in job_ids}
+    pids = subprocess.run(["ip", "netns", "pids", f"lj-{node}"], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        try:
+            environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+            task = Path(f"/proc/{pid}/comm").read_text().strip() != "slurmstepd"
+        except OSError:  # ended meanwhile
+            continue
+        if task and environ & ids:
+            os.kill(int(pid), signal.SIGSTOP)
+            frozen += 1
+    return frozen
 
 
 def failures(run: Run) -> list[dict]:
@@ -286,8 +309,14 @@ def test_a_node_rebooted_before_slurm_noticed_does_not_hang_the_job(two_nodes, j
 
 
 def test_a_node_partitioned_for_60_s_ends_finished(two_nodes, jobs, reference, tmp_path):
+    """The cut-off node's tasks are frozen, so they are still there when it is back: its slurmd
+    reports the previous start's step, and SLURM kills every step of the job on that node, the new
+    start's included, until none is left (a CI run: the restarted trainer on lj2 killed 1 s after
+    its start, the one on lj1 waiting for it until the test gave up). The preflight must find that
+    out before the trainers start."""
     cut = ("cut", "lj2"), ("restore", "lj2"), 60
-    for run, _ in through_fault(two_nodes, jobs, tmp_path, reference, "node partitioned 60 s", *cut):
+    name = "node partitioned 60 s, its tasks frozen"
+    for run, _ in through_fault(two_nodes, jobs, tmp_path, reference, name, *cut, freeze="lj2"):
         assert [e["event"] for e in failures(run)] == ["node failure"]
 
 
